@@ -1,0 +1,488 @@
+"""The aggregator daemon: a thin gRPC servicer over :mod:`aggregator.state`.
+
+:class:`AggregatorCore` owns the round state, the global model and the pluggable sum, behind one
+lock; :class:`Servicer` turns RPCs into core calls and core errors into gRPC status codes:
+
+=====================  =========================================================
+error                  gRPC status
+=====================  =========================================================
+ProtocolError          FAILED_PRECONDITION (wrong federation, stale round, stage)
+UnknownSite            PERMISSION_DENIED
+UpdateRejected         INVALID_ARGUMENT (names site and tensor)
+WireError              DATA_LOSS (chunk order, size or SHA-256)
+=====================  =========================================================
+
+Outputs under ``aggregator.out_dir``: ``checkpoints/round-NNNN.pt`` (global model after each
+round), ``final_model.pt``, ``metrics.jsonl`` (one line per round and site), ``events.jsonl``
+(round starts and ends) and ``aggregator.port`` (the bound port, written once listening).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aggregator import state as sm
+from aggregator.aggregate import UpdateRejected, make_secure_sum
+from fedbrats import wire
+from fedbrats.config import Config
+from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted, WireError
+
+_LOGGER = logging.getLogger(__name__)
+
+#: Longest a GetTask long-poll is held, ms.
+MAX_WAIT_MS = 30_000
+#: After the federation ends, how long to keep serving so every site can learn it ended, s.
+LINGER_S = 15.0
+
+
+class UnknownSite(FedbratsError):
+    """A request names a site that has not joined this federation."""
+
+
+def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
+    """Channel/server options shared by both ends: message limits and keepalive.
+
+    Keepalive pings every 60 s with pings allowed without active calls, so an idle connection
+    (a node training silently for an hour) is neither dropped by middleboxes nor refused by the
+    server's ping policy.
+    """
+    limit = max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+    ]
+
+
+@dataclass
+class _Site:
+    num_train_samples: int
+    num_val_samples: int
+    device: str
+    told_done: bool = False
+
+
+class AggregatorCore:
+    """The aggregator's logic and data, thread-safe, without gRPC.
+
+    Args:
+        cfg: the aggregator's configuration.
+        initial_model: name -> float32 array, the round-1 global model.
+        clock: monotonic time source in seconds (injected for tests).
+        save_model: ``save_model(path, tensors, round)`` writes a checkpoint; default writes a
+            ``fedbrats-model/1`` file with :func:`node.model.save_model_file`.
+    """
+
+    def __init__(self, cfg: Config, initial_model: dict[str, np.ndarray], *,
+                 clock=time.monotonic, save_model=None) -> None:
+        fed, ag = cfg.federation, cfg.aggregator
+        self.cfg = cfg
+        self.federation_id = fed.name
+        self.clock = clock
+        self.params = sm.Params(
+            total_rounds=fed.rounds, expected_sites=fed.sites, min_sites=fed.min_sites,
+            join_timeout_s=ag.join_timeout_s, round_timeout_s=ag.round_timeout_s,
+            metrics_timeout_s=ag.metrics_timeout_s)
+        self.out_dir = Path(ag.out_dir).expanduser()
+        (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._cond = threading.Condition()
+        self._state = sm.initial_state(self.params, clock())
+        self._sites: dict[str, _Site] = {}
+        self._sum = make_secure_sum(fed.secure_aggregation)
+        self._global = initial_model
+        self._global_payload = wire.pack_tensors(initial_model)
+        self._result_payloads: dict[int, wire.Payload] = {}
+        self._round_loss: dict[str, float] = {}
+        self._finished = threading.Event()
+        self._started = clock()
+        self._save_model = save_model or self._save_model_file
+
+    # -- state -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> sm.RoundState:
+        with self._cond:
+            return self._state
+
+    @property
+    def finished(self) -> threading.Event:
+        return self._finished
+
+    def _apply(self, event: sm.Event) -> None:
+        """Advance the state machine and carry out its effects.  Caller holds the lock."""
+        pending = [event]
+        while pending:
+            ev = pending.pop(0)
+            self._state, effects = sm.advance(self._state, ev)
+            for eff in effects:
+                follow = self._perform(eff)
+                if follow is not None:
+                    pending.append(follow)
+        self._cond.notify_all()
+
+    def _perform(self, eff: sm.Effect) -> sm.Event | None:
+        if isinstance(eff, sm.StartRound):
+            self._sum.begin_round(eff.round, self._global)
+            self._round_loss = {}
+            _LOGGER.info("round %d stage training: started with sites %s", eff.round,
+                         ", ".join(eff.participants))
+            self._event("round_started", round=eff.round, sites=list(eff.participants))
+            return None
+        if isinstance(eff, sm.AggregateRound):
+            try:
+                new_model = self._sum.finalize(eff.sites)
+            except FedbratsError as exc:
+                return sm.Abort(f"round {eff.round}: aggregation failed: {exc}", self.clock())
+            self._global = new_model
+            self._global_payload = wire.pack_tensors(new_model)
+            self._result_payloads[eff.round] = self._global_payload
+            self._result_payloads.pop(eff.round - 2, None)
+            self._checkpoint(eff.round)
+            losses = [self._round_loss[s] for s in eff.sites if s in self._round_loss]
+            _LOGGER.info("round %d stage aggregating: aggregated %d update(s) from %s; "
+                         "mean train loss %.4f", eff.round, len(eff.sites), ", ".join(eff.sites),
+                         float(np.mean(losses)) if losses else float("nan"))
+            self._event("round_aggregated", round=eff.round, sites=list(eff.sites),
+                        mean_train_loss=float(np.mean(losses)) if losses else None)
+            return sm.RoundAggregated(eff.round, self.clock())
+        if isinstance(eff, sm.Finished):
+            if eff.failed:
+                _LOGGER.error("federation %s failed: %s", self.federation_id, eff.message)
+            else:
+                _LOGGER.info("federation %s: %s", self.federation_id, eff.message)
+                self._save_final()
+            self._event("finished", failed=eff.failed, message=eff.message)
+            self._finished.set()
+            return None
+        raise TypeError(f"unknown effect {eff!r}")
+
+    def tick(self) -> None:
+        with self._cond:
+            self._apply(sm.Tick(self.clock()))
+
+    def abort(self, reason: str) -> None:
+        with self._cond:
+            self._apply(sm.Abort(reason, self.clock()))
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def _event(self, kind: str, **fields) -> None:
+        rec = {"event": kind, "t": round(self.clock() - self._started, 3), **fields}
+        with open(self.out_dir / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def _save_model_file(self, path: Path, tensors: dict[str, np.ndarray], rnd: int) -> None:
+        from node.model import save_model_file
+
+        save_model_file(path, tensors, model_cfg=self.cfg.model, labels=self.cfg.data.labels,
+                        round=rnd, federation=self.federation_id)
+
+    def _checkpoint(self, rnd: int) -> None:
+        self._save_model(self.out_dir / "checkpoints" / f"round-{rnd:04d}.pt", self._global, rnd)
+
+    def _save_final(self) -> None:
+        self._save_model(self.out_dir / "final_model.pt", self._global,
+                         self._state.completed_round)
+
+    # -- request checks --------------------------------------------------------------------
+
+    def _check_envelope(self, env: wire.Envelope, *, joined: bool = True) -> None:
+        if env.protocol_version != wire.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {env.protocol_version} is not supported "
+                                f"(this aggregator speaks {wire.PROTOCOL_VERSION})")
+        if env.federation_id != self.federation_id:
+            raise ProtocolError(f"request is for federation {env.federation_id!r}; this is "
+                                f"{self.federation_id!r}")
+        if not env.site_id:
+            raise ProtocolError("request carries no site id")
+        if joined and env.site_id not in self._sites:
+            raise UnknownSite(f"site {env.site_id!r} has not joined federation "
+                              f"{self.federation_id!r}")
+
+    def _check_round_stage(self, env: wire.Envelope, stage: str) -> None:
+        s = self._state
+        if s.stage is not sm.Stage.TRAINING:
+            raise ProtocolError(f"site {env.site_id}: round {env.round} stage {env.stage} "
+                                f"refused: the aggregator is in stage {s.stage.value} of round "
+                                f"{s.round}")
+        if env.round != s.round:
+            kind = "stale" if env.round < s.round else "future"
+            raise ProtocolError(f"site {env.site_id}: {kind} round {env.round}; the current "
+                                f"round is {s.round}")
+        if env.stage != stage:
+            raise ProtocolError(f"site {env.site_id}: wrong stage {env.stage!r} for round "
+                                f"{s.round}; expected {stage!r}")
+
+    # -- RPC implementations ---------------------------------------------------------------
+
+    def join(self, env: wire.Envelope, info: wire.JoinInfo) -> wire.JoinReply:
+        with self._cond:
+            self._check_envelope(env, joined=False)
+            if self._state.stage is sm.Stage.DONE:
+                raise ProtocolError(f"site {env.site_id}: the federation has ended")
+            if info.num_train_samples < 1:
+                raise ProtocolError(f"site {env.site_id}: needs at least one training case")
+            rejoin = env.site_id in self._sites
+            self._sites[env.site_id] = _Site(info.num_train_samples, info.num_val_samples,
+                                             info.device)
+            _LOGGER.info("site %s %s (train %d, val %d cases, %s)", env.site_id,
+                         "re-joined" if rejoin else "joined", info.num_train_samples,
+                         info.num_val_samples, info.device)
+            self._apply(sm.SiteJoined(env.site_id, self.clock()))
+            return wire.JoinReply(True, "joined", self.params.total_rounds,
+                                  self.params.expected_sites)
+
+    def task_for(self, site: str, last_completed: int) -> wire.Task:
+        """What ``site`` should do now.  Caller holds the lock."""
+        s = self._state
+        total = self.params.total_rounds
+        if s.stage is sm.Stage.DONE and (s.failed or last_completed >= s.completed_round):
+            self._sites[site].told_done = True
+            return wire.Task("done", s.completed_round, total, message=s.message, failed=s.failed)
+        if s.completed_round > last_completed and s.completed_round in self._result_payloads:
+            return wire.Task("result", s.completed_round, total,
+                             self._result_payloads[s.completed_round].info.sha256)
+        if s.stage is sm.Stage.TRAINING and site in s.participants:
+            return wire.Task("training", s.round, total, self._global_payload.info.sha256,
+                             self.cfg.training.local_steps, submitted=site in s.submitted)
+        return wire.Task("joining" if s.stage is sm.Stage.JOINING else "training",
+                         s.round, total, message=f"waiting ({s.stage.value})")
+
+    def get_task(self, env: wire.Envelope, last_completed: int, wait_ms: int) -> wire.Task:
+        deadline = self.clock() + min(max(wait_ms, 0), MAX_WAIT_MS) / 1000.0
+        with self._cond:
+            self._check_envelope(env)
+            task = self.task_for(env.site_id, last_completed)
+            while not _actionable(task) and self.clock() < deadline:
+                self._cond.wait(timeout=min(1.0, max(0.0, deadline - self.clock())))
+                task = self.task_for(env.site_id, last_completed)
+            return task
+
+    def model_payload(self, env: wire.Envelope) -> wire.Payload:
+        with self._cond:
+            self._check_envelope(env)
+            self._check_round_stage(env, "training")
+            return self._global_payload
+
+    def result_payload(self, env: wire.Envelope) -> wire.Payload:
+        with self._cond:
+            self._check_envelope(env)
+            payload = self._result_payloads.get(env.round)
+            if payload is None:
+                raise ProtocolError(f"site {env.site_id}: no result is published for round "
+                                    f"{env.round} (completed round: "
+                                    f"{self._state.completed_round})")
+            return payload
+
+    def submit_update(self, header: wire.UpdateHeader, body: Iterator) -> wire.SubmitReply:
+        env = header.envelope
+        with self._cond:
+            self._check_envelope(env)
+            if env.site_id in self._state.submitted and env.round == self._state.round:
+                return wire.SubmitReply(True, True, "duplicate: already counted once")
+            self._check_round_stage(env, "training")
+            if header.metadata.base_model_sha256 != self._global_payload.info.sha256:
+                raise ProtocolError(f"site {env.site_id}: round {env.round} update was computed "
+                                    f"from another global model")
+            if header.payload.scheme != "plain":
+                raise ProtocolError(f"site {env.site_id}: payload scheme "
+                                    f"{header.payload.scheme!r} does not match mode "
+                                    f"{self.cfg.federation.secure_aggregation!r}")
+        # Receive outside the lock: other sites stream concurrently.
+        payload = wire.receive_update_body(header, body)
+        tensors = wire.unpack_tensors(payload)
+        with self._cond:
+            # The round may have moved on while the bytes streamed.
+            if env.site_id in self._state.submitted and env.round == self._state.round:
+                return wire.SubmitReply(True, True, "duplicate: already counted once")
+            self._check_round_stage(env, "training")
+            self._sum.add(env.site_id, header.metadata.num_samples, tensors)
+            self._round_loss[env.site_id] = header.metadata.train_loss
+            _LOGGER.info("round %d stage training: update from site %s accepted (%d bytes, "
+                         "weight %d, loss %.4f)", env.round, env.site_id,
+                         payload.info.total_bytes, header.metadata.num_samples,
+                         header.metadata.train_loss)
+            self._apply(sm.UpdateAccepted(env.site_id, env.round, self.clock()))
+            return wire.SubmitReply(True, False, "accepted")
+
+    def report_metrics(self, env: wire.Envelope, m: wire.MetricsReport) -> None:
+        with self._cond:
+            self._check_envelope(env)
+            if not 1 <= env.round <= self._state.completed_round:
+                raise ProtocolError(f"site {env.site_id}: metrics for round {env.round}, but the "
+                                    f"completed round is {self._state.completed_round}")
+            rec = {
+                "round": env.round, "site": env.site_id,
+                "dice": {k: _num(v) for k, v in m.dice.items()},
+                "hd95": {k: _num(v) for k, v in m.hd95.items()},
+                "num_val_cases": m.num_val_cases, "train_loss": _num(m.train_loss),
+                "train_seconds": round(m.train_seconds, 3), "eval_seconds": round(m.eval_seconds, 3),
+            }
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            _LOGGER.info("round %d: site %s Dice WT %.3f TC %.3f ET %.3f mean %.3f", env.round,
+                         env.site_id, m.dice.get("wt", math.nan), m.dice.get("tc", math.nan),
+                         m.dice.get("et", math.nan), m.dice.get("mean", math.nan))
+            self._apply(sm.MetricsReported(env.site_id, env.round, self.clock()))
+
+    def all_sites_told_done(self) -> bool:
+        with self._cond:
+            return all(s.told_done for s in self._sites.values())
+
+
+def _num(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else round(float(v), 6)
+
+
+def _actionable(task: wire.Task) -> bool:
+    return task.stage in ("done", "result") or (task.stage == "training" and bool(task.model_sha256)
+                                                and not task.submitted)
+
+
+class Servicer(wire.AggregatorServicer):
+    """gRPC face of :class:`AggregatorCore`; maps fedbrats errors to status codes."""
+
+    def __init__(self, core: AggregatorCore):
+        self.core = core
+
+    @contextlib.contextmanager
+    def _errors(self, context, what: str):
+        try:
+            yield
+        except UnknownSite as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except UpdateRejected as exc:
+            _LOGGER.warning("%s refused: %s", what, exc)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ProtocolError as exc:
+            _LOGGER.warning("%s refused: %s", what, exc)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except WireError as exc:
+            _LOGGER.warning("%s refused: %s", what, exc)
+            context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+
+    def Join(self, request, context):
+        env, info = wire.decode_join_request(request)
+        with self._errors(context, f"join from {env.site_id!r}"):
+            return wire.join_response(self.core.join(env, info))
+
+    def GetTask(self, request, context):
+        env, last, wait_ms = wire.decode_task_request(request)
+        with self._errors(context, f"task for {env.site_id!r}"):
+            return wire.task_response(self.core.get_task(env, last, wait_ms))
+
+    def FetchModel(self, request, context):
+        env = wire.decode_envelope_of(request)
+        with self._errors(context, f"model fetch by {env.site_id!r}"):
+            payload = self.core.model_payload(env)
+        yield from wire.model_stream(payload)
+
+    def FetchResult(self, request, context):
+        env = wire.decode_envelope_of(request)
+        with self._errors(context, f"result fetch by {env.site_id!r}"):
+            payload = self.core.result_payload(env)
+        yield from wire.result_stream(payload)
+
+    def SubmitUpdate(self, request_iterator, context):
+        with self._errors(context, "update"):
+            header = wire.receive_update_header(request_iterator)
+            return wire.submit_response(self.core.submit_update(header, request_iterator))
+
+    def ReportMetrics(self, request, context):
+        env, m = wire.decode_metrics_request(request)
+        with self._errors(context, f"metrics from {env.site_id!r}"):
+            self.core.report_metrics(env, m)
+            return wire.metrics_response(True)
+
+
+@contextlib.contextmanager
+def run_server(core: AggregatorCore, host: str = "127.0.0.1", port: int = 0,
+               max_message_mb: int = 4):
+    """Serve ``core`` over gRPC (plus the standard health service) while the block runs.
+
+    Yields:
+        The bound port (useful with ``port=0``).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=grpc_options(max_message_mb))
+    wire.add_aggregator_servicer(Servicer(core), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise FedbratsError(f"aggregator: cannot listen on {host}:{port}")
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(wire.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    ticker_stop = threading.Event()
+
+    def _ticker():
+        while not ticker_stop.wait(0.5):
+            core.tick()
+
+    t = threading.Thread(target=_ticker, name="aggregator-ticker", daemon=True)
+    t.start()
+    try:
+        yield bound
+    finally:
+        ticker_stop.set()
+        health_servicer.enter_graceful_shutdown()
+        server.stop(grace=2.0).wait()
+
+
+def initial_global_model(cfg: Config) -> dict[str, np.ndarray]:
+    """Round-1 global model: the configured SegResNet initialised from ``federation.seed``."""
+    import torch
+
+    from node.model import build_model, state_to_numpy
+
+    torch.manual_seed(cfg.federation.seed)
+    return state_to_numpy(build_model(cfg.model))
+
+
+def serve(cfg: Config) -> int:
+    """Run the aggregator daemon until the federation ends.
+
+    Returns:
+        0 on success, :attr:`RoundAborted.exit_code` if the federation failed.
+    """
+    model = initial_global_model(cfg)
+    n_params = sum(int(v.size) for v in model.values())
+    core = AggregatorCore(cfg, model)
+    ag = cfg.aggregator
+    with run_server(core, ag.host, ag.port, ag.max_message_mb) as port:
+        port_file = core.out_dir / "aggregator.port"
+        tmp = port_file.with_suffix(".tmp")
+        tmp.write_text(f"{port}\n")
+        os.replace(tmp, port_file)
+        _LOGGER.info("aggregator for federation %s listening on %s:%d; %d rounds, %d site(s) "
+                     "expected, model %.2fM parameters, secure aggregation %s",
+                     cfg.federation.name, ag.host, port, cfg.federation.rounds,
+                     cfg.federation.sites, n_params / 1e6, cfg.federation.secure_aggregation)
+        core.finished.wait()
+        end = time.monotonic() + LINGER_S
+        while time.monotonic() < end and not core.all_sites_told_done():
+            time.sleep(0.2)
+    st = core.state
+    if st.failed:
+        _LOGGER.error("exit: %s", st.message)
+        return RoundAborted.exit_code
+    return 0

@@ -1,0 +1,254 @@
+"""The aggregator's round state machine: pure, no I/O, no gRPC, no clocks.
+
+The server feeds :class:`Event` objects (a site joined, an update was accepted, a round was
+aggregated, metrics arrived, time passed) into :func:`advance`, which returns the next
+:class:`RoundState` and a list of :class:`Effect` objects for the server to carry out
+(aggregate a round, finish the federation).  Time is an argument (seconds on any monotonic
+clock), so tests drive deadlines without sleeping.
+
+Stages (:class:`Stage`):
+
+``JOINING`` → ``TRAINING(r)`` → ``AGGREGATING(r)`` → ``TRAINING(r+1)`` … → ``FINISHING`` → ``DONE``
+
+- JOINING: waits until ``expected_sites`` have joined, or until ``min_sites`` have and
+  ``join_timeout_s`` has passed since the first join; fails if ``min_sites`` never join within
+  ``join_timeout_s``.
+- TRAINING(r): collects updates from the round's participants (the sites joined when the round
+  started).  When all have submitted, or at the round deadline with at least ``min_sites``
+  updates, it emits :class:`AggregateRound`; at the deadline with fewer, the federation fails
+  (nothing is released).
+- AGGREGATING(r): waits for the server's :class:`RoundAggregated`.
+- FINISHING: the last round is aggregated; waits for every participant's metrics on it (or
+  ``metrics_timeout_s``).
+- DONE: the federation is over; ``failed`` and ``message`` say how it ended.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+
+class Stage(enum.Enum):
+    JOINING = "joining"
+    TRAINING = "training"
+    AGGREGATING = "aggregating"
+    FINISHING = "finishing"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Params:
+    """Fixed parameters of a federation's schedule.
+
+    Attributes:
+        total_rounds: rounds to run (>= 1).
+        expected_sites: sites the federation waits for at the start.
+        min_sites: fewest updates a round may be aggregated from.
+        join_timeout_s: seconds to wait for joins.
+        round_timeout_s: seconds from a round's start to its update deadline.
+        metrics_timeout_s: seconds to wait for the last round's metrics.
+    """
+
+    total_rounds: int
+    expected_sites: int
+    min_sites: int
+    join_timeout_s: float
+    round_timeout_s: float
+    metrics_timeout_s: float
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """Everything the schedule knows.  Immutable; :func:`advance` returns a new one."""
+
+    params: Params
+    stage: Stage = Stage.JOINING
+    round: int = 0
+    joined: tuple[str, ...] = ()
+    participants: tuple[str, ...] = ()
+    submitted: tuple[str, ...] = ()
+    completed_round: int = 0
+    metrics_reported: tuple[str, ...] = ()
+    started_at: float | None = None
+    first_join_at: float | None = None
+    stage_started_at: float = 0.0
+    failed: bool = False
+    message: str = ""
+
+
+# Events ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: float
+
+
+@dataclass(frozen=True)
+class SiteJoined:
+    site: str
+    now: float
+
+
+@dataclass(frozen=True)
+class UpdateAccepted:
+    site: str
+    round: int
+    now: float
+
+
+@dataclass(frozen=True)
+class RoundAggregated:
+    round: int
+    now: float
+
+
+@dataclass(frozen=True)
+class MetricsReported:
+    site: str
+    round: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str
+    now: float
+
+
+Event = Tick | SiteJoined | UpdateAccepted | RoundAggregated | MetricsReported | Abort
+
+
+# Effects --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRound:
+    round: int
+    participants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AggregateRound:
+    round: int
+    sites: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    failed: bool
+    message: str
+
+
+Effect = StartRound | AggregateRound | Finished
+
+
+def initial_state(params: Params, now: float) -> RoundState:
+    """The state of a federation that has just started at ``now``."""
+    return RoundState(params=params, started_at=now, stage_started_at=now)
+
+
+def advance(state: RoundState, event: Event) -> tuple[RoundState, list[Effect]]:
+    """Apply one event.  Events that do not fit the state leave it unchanged.
+
+    Returns:
+        ``(new_state, effects)``.
+    """
+    if state.stage is Stage.DONE:
+        return state, []
+    if isinstance(event, Abort):
+        return _fail(state, event.reason)
+    if isinstance(event, SiteJoined):
+        return _on_join(state, event)
+    if isinstance(event, UpdateAccepted):
+        return _on_update(state, event)
+    if isinstance(event, RoundAggregated):
+        return _on_aggregated(state, event)
+    if isinstance(event, MetricsReported):
+        return _on_metrics(state, event)
+    if isinstance(event, Tick):
+        return _on_tick(state, event.now)
+    raise TypeError(f"unknown event {event!r}")
+
+
+def _fail(state: RoundState, message: str) -> tuple[RoundState, list[Effect]]:
+    s = replace(state, stage=Stage.DONE, failed=True, message=message)
+    return s, [Finished(True, message)]
+
+
+def _start_round(state: RoundState, rnd: int, now: float) -> tuple[RoundState, list[Effect]]:
+    participants = tuple(sorted(state.joined))
+    s = replace(state, stage=Stage.TRAINING, round=rnd, participants=participants, submitted=(),
+                stage_started_at=now)
+    return s, [StartRound(rnd, participants)]
+
+
+def _on_join(state: RoundState, ev: SiteJoined) -> tuple[RoundState, list[Effect]]:
+    if ev.site in state.joined:
+        return state, []
+    s = replace(state, joined=tuple(sorted((*state.joined, ev.site))),
+                first_join_at=state.first_join_at if state.first_join_at is not None else ev.now)
+    if s.stage is Stage.JOINING and len(s.joined) >= s.params.expected_sites:
+        return _start_round(s, 1, ev.now)
+    return s, []
+
+
+def _on_update(state: RoundState, ev: UpdateAccepted) -> tuple[RoundState, list[Effect]]:
+    if state.stage is not Stage.TRAINING or ev.round != state.round:
+        return state, []
+    if ev.site not in state.participants or ev.site in state.submitted:
+        return state, []
+    s = replace(state, submitted=tuple(sorted((*state.submitted, ev.site))))
+    if set(s.submitted) == set(s.participants):
+        return replace(s, stage=Stage.AGGREGATING, stage_started_at=ev.now), [
+            AggregateRound(s.round, s.submitted)]
+    return s, []
+
+
+def _on_aggregated(state: RoundState, ev: RoundAggregated) -> tuple[RoundState, list[Effect]]:
+    if state.stage is not Stage.AGGREGATING or ev.round != state.round:
+        return state, []
+    s = replace(state, completed_round=ev.round)
+    if ev.round >= s.params.total_rounds:
+        return replace(s, stage=Stage.FINISHING, metrics_reported=(), stage_started_at=ev.now), []
+    return _start_round(s, ev.round + 1, ev.now)
+
+
+def _on_metrics(state: RoundState, ev: MetricsReported) -> tuple[RoundState, list[Effect]]:
+    if state.stage is not Stage.FINISHING or ev.round != state.completed_round:
+        return state, []
+    if ev.site in state.metrics_reported:
+        return state, []
+    s = replace(state, metrics_reported=tuple(sorted((*state.metrics_reported, ev.site))))
+    if set(s.submitted) <= set(s.metrics_reported):
+        return _done(s)
+    return s, []
+
+
+def _done(state: RoundState) -> tuple[RoundState, list[Effect]]:
+    msg = f"federation complete: {state.completed_round} round(s)"
+    return replace(state, stage=Stage.DONE, message=msg), [Finished(False, msg)]
+
+
+def _on_tick(state: RoundState, now: float) -> tuple[RoundState, list[Effect]]:
+    p = state.params
+    if state.stage is Stage.JOINING:
+        n = len(state.joined)
+        if n >= p.min_sites and state.first_join_at is not None:
+            if now - state.first_join_at >= p.join_timeout_s:
+                return _start_round(state, 1, now)
+        elif state.started_at is not None and now - state.started_at >= p.join_timeout_s:
+            return _fail(state, f"only {n} of the {p.min_sites} sites needed joined within "
+                                f"{p.join_timeout_s:g} s")
+        return state, []
+    if state.stage is Stage.TRAINING and now - state.stage_started_at >= p.round_timeout_s:
+        k = len(state.submitted)
+        if k >= p.min_sites:
+            return replace(state, stage=Stage.AGGREGATING, stage_started_at=now), [
+                AggregateRound(state.round, state.submitted)]
+        return _fail(state, f"round {state.round}: only {k} update(s) of the {p.min_sites} needed "
+                            f"arrived before the {p.round_timeout_s:g} s deadline; nothing released")
+    if state.stage is Stage.FINISHING and now - state.stage_started_at >= p.metrics_timeout_s:
+        return _done(state)
+    return state, []

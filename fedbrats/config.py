@@ -1,0 +1,408 @@
+"""Configuration: TOML files loaded into frozen dataclasses.
+
+One schema serves every party.  A federation config (``configs/demo.toml``) holds all sections;
+``fedbrats simulate`` derives one file per party from it (``aggregator.toml``,
+``site-1.toml`` ...), each carrying only what that party needs.  The dataclass defaults *are*
+the embedded default (demo) configuration; ``configs/demo.toml`` spells them out.
+
+Loading reports every problem at once in one :class:`~fedbrats.errors.ConfigError` that names the
+file and the dotted field (``training.local_steps: must be >= 1, got 0``).  Unknown keys are
+errors too (a typo must not silently fall back to a default).  Secrets are never inline: later
+sections reference key and certificate files by path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedbrats.errors import ConfigError
+
+SECURE_AGGREGATION_MODES = ("none",)
+DP_MODES = ("none",)
+LABEL_CONVENTIONS = ("2021", "2023")
+MODEL_PRESETS = ("cpu-small", "paper")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What every party agrees on.
+
+    Attributes:
+        name: federation id; every request carries it and a mismatch is refused.
+        rounds: number of federated rounds.
+        sites: number of sites ``fedbrats simulate`` starts (site ids ``site-1``..``site-N``).
+        min_sites: fewest updates a round may be aggregated from (after the round deadline).
+        secure_aggregation: update protection: ``none`` (plaintext FedAvg).
+        seed: master seed for data synthesis, splits, initial weights and augmentation.
+    """
+
+    name: str = "fedbrats-demo"
+    rounds: int = 4
+    sites: int = 3
+    min_sites: int = 2
+    secure_aggregation: str = "none"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Synthetic BraTS data used when ``data.root`` is empty (see ``fedbrats data synth``).
+
+    Attributes:
+        cases_per_site: cases generated per site.
+        spacing_mm: isotropic voxel size, mm.
+        cache_dir: where synthesised data is cached between runs (``~`` expanded).
+    """
+
+    cases_per_site: int = 8
+    spacing_mm: float = 2.0
+    cache_dir: str = "~/.cache/fedbrats/synth"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """A site's BraTS data.
+
+    Attributes:
+        root: dataset folder (BraTS 2018–2021, FeTS 2022 or 2023+ layout); empty = synthetic.
+        partitioning: FeTS ``partitioning_*.csv`` (``Subject_ID``, ``Partition_ID``); empty =
+            ``root/partitioning_1.csv`` if present, else per-site folders ``root/<site>/<case>``.
+        labels: label convention, ``2021`` (0/1/2/4) or ``2023`` (0/1/2/3).
+        val_fraction: share of each site's cases held out for validation.
+        synth: synthetic data parameters.
+    """
+
+    root: str = ""
+    partitioning: str = ""
+    labels: str = "2021"
+    val_fraction: float = 0.25
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: MONAI SegResNet (Myronenko 2018), 4 inputs, 3 sigmoid outputs TC/WT/ET.
+
+    Attributes:
+        preset: ``cpu-small`` (init_filters 8) or ``paper`` (init_filters 16, Li et al. 2019).
+        init_filters: overrides the preset's number of first-level filters when > 0.
+    """
+
+    preset: str = "cpu-small"
+    init_filters: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Local training at each site.
+
+    Attributes:
+        local_steps: optimiser steps per round.
+        batch_size: patches per step.
+        patch_size: training patch, voxels (x, y, z).
+        learning_rate: Adam learning rate.
+        optimizer_restart: restart Adam's moments every round (the paper's "momentum
+            restarting"); false keeps them across rounds.
+        device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
+        num_threads: torch CPU threads per node process; 0 = torch's default.
+    """
+
+    local_steps: int = 30
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (48, 48, 48)
+    learning_rate: float = 2e-3
+    optimizer_restart: bool = False
+    device: str = "auto"
+    num_threads: int = 1
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Validation at each site on its held-out cases (sliding-window inference).
+
+    Attributes:
+        roi_size: sliding-window size, voxels.
+        overlap: sliding-window overlap fraction.
+        threshold: sigmoid probability above which a voxel is in a region.
+    """
+
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    overlap: float = 0.25
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    """The aggregator daemon.
+
+    Attributes:
+        host: address to listen on.
+        port: TCP port; 0 picks a free one (written to ``out_dir/aggregator.port``).
+        out_dir: checkpoints, ``metrics.jsonl``, final model.
+        join_timeout_s: how long to wait for ``federation.sites`` to join once
+            ``min_sites`` have (s).
+        round_timeout_s: deadline for updates in one round, from the round's start (s).
+        metrics_timeout_s: how long to wait for the last round's metrics (s).
+        max_message_mb: gRPC message size limit, MiB (payloads are chunked at 1 MiB).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    out_dir: str = "runs/aggregator"
+    join_timeout_s: float = 120.0
+    round_timeout_s: float = 1800.0
+    metrics_timeout_s: float = 600.0
+    max_message_mb: int = 4
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A site's node daemon.
+
+    Attributes:
+        site_id: this site's id (``site-1``); selects its cases from the dataset.
+        aggregator: ``host:port`` of the aggregator.
+        state_dir: where the site keeps its state (local model, logs).
+        connect_timeout_s: how long to retry reaching the aggregator (s).
+    """
+
+    site_id: str = ""
+    aggregator: str = "127.0.0.1:50051"
+    state_dir: str = "runs/site"
+    connect_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole fedbrats configuration; see the section classes for each field."""
+
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    node: NodeConfig = field(default_factory=NodeConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Build dataclass ``cls`` from a TOML table, appending every problem to ``problems``."""
+    if not isinstance(raw, dict):
+        problems.append(f"{path or '<top>'}: expected a table, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            problems.append(f"{_join(path, key)}: unknown key (known: {', '.join(sorted(known))})")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        hint = hints[f.name]
+        where = _join(path, f.name)
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, where, problems)
+        else:
+            ok, converted = _convert(hint, value)
+            if ok:
+                kwargs[f.name] = converted
+            else:
+                problems.append(f"{where}: expected {_type_name(hint)}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        return f"a list of {len(args)} {args[0].__name__}s"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if hint is str:
+        return isinstance(value, str), value
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list) or len(value) != len(args):
+            return False, value
+        out = []
+        for a, v in zip(args, value):
+            ok, c = _convert(a, v)
+            if not ok:
+                return False, value
+            out.append(c)
+        return True, tuple(out)
+    return False, value
+
+
+def _check_values(cfg: Config, problems: list[str]) -> None:
+    """Range and choice checks (type checks happened while building)."""
+
+    def need(cond: bool, where: str, msg: str) -> None:
+        if not cond:
+            problems.append(f"{where}: {msg}")
+
+    fed = cfg.federation
+    need(bool(fed.name.strip()), "federation.name", "must not be empty")
+    need(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
+    need(fed.sites >= 1, "federation.sites", f"must be >= 1, got {fed.sites}")
+    need(fed.min_sites >= 1, "federation.min_sites", f"must be >= 1, got {fed.min_sites}")
+    need(
+        fed.min_sites <= fed.sites,
+        "federation.min_sites",
+        f"must be <= federation.sites ({fed.sites}), got {fed.min_sites}",
+    )
+    need(
+        fed.secure_aggregation in SECURE_AGGREGATION_MODES,
+        "federation.secure_aggregation",
+        f"must be one of {SECURE_AGGREGATION_MODES}, got {fed.secure_aggregation!r}",
+    )
+    data = cfg.data
+    need(data.labels in LABEL_CONVENTIONS, "data.labels",
+         f"must be one of {LABEL_CONVENTIONS}, got {data.labels!r}")
+    need(0.0 <= data.val_fraction < 1.0, "data.val_fraction",
+         f"must be in [0, 1), got {data.val_fraction}")
+    need(data.synth.cases_per_site >= 2, "data.synth.cases_per_site",
+         f"must be >= 2 (one to train, one to validate), got {data.synth.cases_per_site}")
+    need(0.5 <= data.synth.spacing_mm <= 4.0, "data.synth.spacing_mm",
+         f"must be in [0.5, 4] mm, got {data.synth.spacing_mm}")
+    need(cfg.model.preset in MODEL_PRESETS, "model.preset",
+         f"must be one of {MODEL_PRESETS}, got {cfg.model.preset!r}")
+    need(cfg.model.init_filters >= 0, "model.init_filters",
+         f"must be >= 0, got {cfg.model.init_filters}")
+    tr = cfg.training
+    need(tr.local_steps >= 1, "training.local_steps", f"must be >= 1, got {tr.local_steps}")
+    need(tr.batch_size >= 1, "training.batch_size", f"must be >= 1, got {tr.batch_size}")
+    need(all(p >= 16 and p % 8 == 0 for p in tr.patch_size), "training.patch_size",
+         f"each side must be a multiple of 8 and >= 16 (SegResNet downsamples 3x), got {list(tr.patch_size)}")
+    need(tr.learning_rate > 0, "training.learning_rate", f"must be > 0, got {tr.learning_rate}")
+    need(tr.device in DEVICES, "training.device", f"must be one of {DEVICES}, got {tr.device!r}")
+    need(tr.num_threads >= 0, "training.num_threads", f"must be >= 0, got {tr.num_threads}")
+    ev = cfg.evaluation
+    need(all(p >= 16 and p % 8 == 0 for p in ev.roi_size), "evaluation.roi_size",
+         f"each side must be a multiple of 8 and >= 16, got {list(ev.roi_size)}")
+    need(0.0 <= ev.overlap < 1.0, "evaluation.overlap", f"must be in [0, 1), got {ev.overlap}")
+    need(0.0 < ev.threshold < 1.0, "evaluation.threshold", f"must be in (0, 1), got {ev.threshold}")
+    ag = cfg.aggregator
+    need(0 <= ag.port <= 65535, "aggregator.port", f"must be in [0, 65535], got {ag.port}")
+    for name in ("join_timeout_s", "round_timeout_s", "metrics_timeout_s"):
+        v = getattr(ag, name)
+        need(v > 0, f"aggregator.{name}", f"must be > 0 s, got {v}")
+    need(ag.max_message_mb >= 2, "aggregator.max_message_mb",
+         f"must be >= 2 MiB (chunks are 1 MiB), got {ag.max_message_mb}")
+    need(cfg.node.connect_timeout_s > 0, "node.connect_timeout_s",
+         f"must be > 0 s, got {cfg.node.connect_timeout_s}")
+
+
+def config_from_dict(raw: dict, *, source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML mapping.
+
+    Raises:
+        ConfigError: listing every problem, each naming the dotted field.
+    """
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    # Fields with a wrong type fell back to their defaults, so range checks still run and
+    # every problem is reported in one error.
+    _check_values(cfg, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Load a TOML config file.
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or has invalid fields (all listed).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(p), [f"cannot read file: {exc.strerror or exc}"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(p), [f"not valid TOML: {exc}"]) from None
+    return config_from_dict(raw, source=str(p))
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """Return ``cfg`` with fields replaced, re-validated: ``with_overrides(c, federation={"rounds": 2})``.
+
+    Raises:
+        ConfigError: the result is invalid.
+    """
+    raw = to_dict(cfg)
+    for section, values in sections.items():
+        raw[section].update(values)
+    return config_from_dict(raw, source="<overrides>")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (tuples become lists), as TOML would hold it."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out[f.name] = to_dict(v)
+        elif isinstance(v, tuple):
+            out[f.name] = list(v)
+        else:
+            out[f.name] = v
+    return out
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a config to TOML text that :func:`load_config` reads back to an equal config."""
+    lines: list[str] = []
+
+    def emit(table: dict, prefix: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict)}
+        subs = {k: v for k, v in table.items() if isinstance(v, dict)}
+        if prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in scalars.items():
+            lines.append(f"{k} = {_toml_value(v)}")
+        lines.append("")
+        for k, v in subs.items():
+            emit(v, f"{prefix}.{k}" if prefix else k)
+
+    emit(to_dict(cfg), "")
+    return "\n".join(lines).lstrip("\n")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

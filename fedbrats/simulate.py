@@ -1,0 +1,271 @@
+"""``fedbrats simulate``: a whole federation on one machine, with the real daemons.
+
+Starts one ``fedbrats aggregator`` process and N ``fedbrats node`` processes on 127.0.0.1 — the
+same daemons, the same gRPC and the same code paths as a deployment, never an in-process
+shortcut — waits for them while printing progress, and writes under ``--out DIR``:
+
+- ``summary.json``: ``rounds_completed``, ``sites``, ``secure_aggregation``, ``dp`` {``mode``,
+  ``epsilon``, ``delta``}, ``dice`` {``wt``, ``tc``, ``et``, ``mean``} (last round, mean over
+  sites weighted by validation cases), ``wall_seconds``;
+- ``metrics.jsonl`` (one line per round and site), ``events.jsonl``;
+- ``logs/aggregator.log`` and ``logs/<site>.log``;
+- ``final_model.pt`` and ``checkpoints/round-NNNN.pt``;
+- ``configs/`` (the per-party TOML files it generated).
+
+Without ``--data`` (and with ``data.root`` empty) synthetic BraTS data is generated first into
+``data.synth.cache_dir`` and reused by later runs with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fedbrats.config import Config, to_toml, with_overrides
+from fedbrats.errors import FedbratsError
+
+#: Seconds to wait for the aggregator to bind its port.
+STARTUP_TIMEOUT_S = 120.0
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def synth_cache_dir(cfg: Config) -> Path:
+    """Where the synthetic data for ``cfg`` lives (one folder per parameter set)."""
+    s = cfg.data.synth
+    name = (f"sites{cfg.federation.sites}-cases{s.cases_per_site}-sp{s.spacing_mm:g}mm-"
+            f"seed{cfg.federation.seed}-labels{cfg.data.labels}")
+    return Path(s.cache_dir).expanduser() / name
+
+
+def ensure_data(cfg: Config) -> Path:
+    """Return the dataset root, synthesising it into the cache if ``data.root`` is empty."""
+    if cfg.data.root:
+        return Path(cfg.data.root).expanduser().resolve()
+    from node import synth
+
+    target = synth_cache_dir(cfg)
+    params = dict(sites=cfg.federation.sites, cases_per_site=cfg.data.synth.cases_per_site,
+                  seed=cfg.federation.seed, labels=cfg.data.labels,
+                  spacing_mm=cfg.data.synth.spacing_mm)
+    if target.exists() and synth.matches(target, **params):
+        _say(f"synthetic data: reusing {target}")
+        return target.resolve()
+    if target.exists():
+        shutil.rmtree(target)
+    _say(f"synthetic data: generating {params['sites']} site(s) x {params['cases_per_site']} "
+         f"case(s) at {params['spacing_mm']:g} mm into {target}")
+    t0 = time.perf_counter()
+    tmp = target.with_name(target.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    synth.synthesize(tmp, progress=None, **params)
+    os.replace(tmp, target)
+    _say(f"synthetic data: done in {time.perf_counter() - t0:.1f} s")
+    return target.resolve()
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    f = open(log, "w", encoding="utf-8")  # noqa: SIM115 - closed by the child's exit
+    return subprocess.Popen([sys.executable, "-m", "fedbrats.cli", *args], stdout=f,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(procs: dict[str, subprocess.Popen]) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 10
+    for p in procs.values():
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + ln for ln in lines[-n:])
+
+
+class _Progress:
+    """Prints new lines of metrics.jsonl and events.jsonl as they appear."""
+
+    def __init__(self, out: Path, rounds: int):
+        self.files = {"metrics": out / "metrics.jsonl", "events": out / "events.jsonl"}
+        self.pos = {k: 0 for k in self.files}
+        self.rounds = rounds
+
+    def poll(self) -> None:
+        for kind, path in self.files.items():
+            if not path.exists():
+                continue
+            with open(path, encoding="utf-8") as f:
+                f.seek(self.pos[kind])
+                chunk = f.read()
+            complete, _, _ = chunk.rpartition("\n")
+            if not complete:
+                continue
+            self.pos[kind] += len(complete.encode()) + 1
+            for line in complete.splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                _say(self._fmt(kind, rec))
+
+    def _fmt(self, kind: str, r: dict) -> str:
+        if kind == "metrics":
+            d = r.get("dice", {})
+            return (f"  round {r['round']}/{self.rounds}  {r['site']:<8} loss {_f(r.get('train_loss'))}"
+                    f"  Dice WT {_f(d.get('wt'))} TC {_f(d.get('tc'))} ET {_f(d.get('et'))}"
+                    f"  mean {_f(d.get('mean'))}")
+        ev = r.get("event")
+        if ev == "round_started":
+            return f"round {r['round']}/{self.rounds}: training at {', '.join(r['sites'])} ({r['t']:.0f} s)"
+        if ev == "round_aggregated":
+            return (f"round {r['round']}/{self.rounds}: aggregated {len(r['sites'])} update(s), "
+                    f"mean train loss {_f(r.get('mean_train_loss'))} ({r['t']:.0f} s)")
+        if ev == "finished":
+            return f"federation {'FAILED' if r.get('failed') else 'finished'}: {r.get('message')}"
+        return json.dumps(r)
+
+
+def _f(v) -> str:
+    return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def summarize(out: Path, cfg: Config, wall_seconds: float) -> dict:
+    """Build ``summary.json`` from ``metrics.jsonl`` (see module docstring)."""
+    recs = []
+    mpath = out / "metrics.jsonl"
+    if mpath.exists():
+        recs = [json.loads(ln) for ln in mpath.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    last = max((r["round"] for r in recs), default=0)
+    final = [r for r in recs if r["round"] == last]
+    dice: dict[str, float | None] = {}
+    for k in ("wt", "tc", "et", "mean"):
+        vals = [(r["dice"].get(k), max(1, r.get("num_val_cases", 1))) for r in final]
+        vals = [(v, w) for v, w in vals if v is not None]
+        tot = sum(w for _, w in vals)
+        dice[k] = round(sum(v * w for v, w in vals) / tot, 4) if tot else None
+    events = []
+    epath = out / "events.jsonl"
+    if epath.exists():
+        events = [json.loads(ln) for ln in epath.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rounds_done = max((e["round"] for e in events if e.get("event") == "round_aggregated"),
+                      default=0)
+    return {
+        "federation": cfg.federation.name,
+        "rounds_completed": rounds_done,
+        "rounds_planned": cfg.federation.rounds,
+        "sites": sorted({r["site"] for r in recs}) or [f"site-{i}" for i in range(1, cfg.federation.sites + 1)],
+        "secure_aggregation": cfg.federation.secure_aggregation,
+        "dp": {"mode": "none", "epsilon": None, "delta": None},
+        "dice": dice,
+        "dice_per_site": {r["site"]: r["dice"] for r in final},
+        "wall_seconds": round(wall_seconds, 1),
+    }
+
+
+def simulate(cfg: Config, out: Path) -> int:
+    """Run the federation described by ``cfg``; see the module docstring.
+
+    Returns:
+        0 when every daemon finished cleanly, else the first non-zero exit code.
+
+    Raises:
+        FedbratsError: data could not be prepared or the aggregator did not start.
+    """
+    t_start = time.perf_counter()
+    out = out.expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        for name in ("metrics.jsonl", "events.jsonl", "summary.json", "final_model.pt",
+                     "aggregator.port"):
+            (out / name).unlink(missing_ok=True)
+        for name in ("checkpoints", "logs", "configs", "sites"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "configs").mkdir(exist_ok=True)
+    root = ensure_data(cfg)
+    cfg = replace(cfg, data=replace(cfg.data, root=str(root)))
+
+    agg_cfg = with_overrides(cfg, aggregator={"host": "127.0.0.1", "port": 0, "out_dir": str(out)})
+    agg_toml = out / "configs" / "aggregator.toml"
+    agg_toml.write_text(to_toml(agg_cfg), encoding="utf-8")
+    procs: dict[str, subprocess.Popen] = {}
+    _say(f"federation {cfg.federation.name}: {cfg.federation.sites} site(s), "
+         f"{cfg.federation.rounds} round(s), secure aggregation {cfg.federation.secure_aggregation}; "
+         f"logs in {out / 'logs'}")
+    try:
+        procs["aggregator"] = _spawn(["aggregator", "--config", str(agg_toml)],
+                                     out / "logs" / "aggregator.log")
+        port_file = out / "aggregator.port"
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not port_file.exists():
+            if procs["aggregator"].poll() is not None:
+                raise FedbratsError("aggregator exited during start-up:\n"
+                                    + _tail(out / "logs" / "aggregator.log"))
+            if time.monotonic() > deadline:
+                raise FedbratsError(f"aggregator did not start within {STARTUP_TIMEOUT_S:g} s; "
+                                    f"see {out / 'logs' / 'aggregator.log'}")
+            time.sleep(0.2)
+        port = int(port_file.read_text().strip())
+        for i in range(1, cfg.federation.sites + 1):
+            site = f"site-{i}"
+            node_cfg = with_overrides(cfg, node={
+                "site_id": site, "aggregator": f"127.0.0.1:{port}",
+                "state_dir": str(out / "sites" / site)})
+            path = out / "configs" / f"{site}.toml"
+            path.write_text(to_toml(node_cfg), encoding="utf-8")
+            procs[site] = _spawn(["node", "--config", str(path)], out / "logs" / f"{site}.log")
+        progress = _Progress(out, cfg.federation.rounds)
+        codes: dict[str, int] = {}
+        while len(codes) < len(procs):
+            progress.poll()
+            for name, p in procs.items():
+                if name not in codes and p.poll() is not None:
+                    codes[name] = p.returncode
+                    if p.returncode != 0:
+                        _say(f"{name} exited with code {p.returncode}; last lines of "
+                             f"{out / 'logs' / (name + '.log')}:\n"
+                             + _tail(out / "logs" / f"{name}.log"))
+                        if name == "aggregator" or len([c for c in codes.values() if c != 0]) > \
+                                cfg.federation.sites - cfg.federation.min_sites:
+                            _stop(procs)
+            time.sleep(0.5)
+        progress.poll()
+    except KeyboardInterrupt:
+        _say("interrupted; stopping the daemons")
+        _stop(procs)
+        return 130
+    finally:
+        _stop(procs)
+    wall = time.perf_counter() - t_start
+    summary = summarize(out, cfg, wall)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    d = summary["dice"]
+    _say(f"done in {wall:.0f} s: {summary['rounds_completed']} round(s); final Dice WT "
+         f"{_f(d['wt'])} TC {_f(d['tc'])} ET {_f(d['et'])} mean {_f(d['mean'])}")
+    _say(f"summary: {out / 'summary.json'}  model: {out / 'final_model.pt'}")
+    bad = {n: c for n, c in codes.items() if c != 0}
+    if bad:
+        return next(iter(bad.values()))
+    return 0
