@@ -132,7 +132,7 @@ class EvaluationConfig:
         threshold: sigmoid probability above which a voxel is in a region.
     """
 
-    roi_size: tuple[int, int, int] = (64, 64, 64)
+    roi_size: tuple[int, int, int] = (96, 112, 96)
     overlap: float = 0.25
     threshold: float = 0.5
 
