@@ -7,6 +7,8 @@ lock; :class:`Servicer` turns RPCs into core calls and core errors into gRPC sta
 error                  gRPC status
 =====================  =========================================================
 ProtocolError          FAILED_PRECONDITION (wrong federation, stale round, stage)
+Unauthenticated        UNAUTHENTICATED (no client certificate)
+NotAuthorized          PERMISSION_DENIED (certificate names another site, or revoked)
 UnknownSite            PERMISSION_DENIED
 UpdateRejected         INVALID_ARGUMENT (names site and tensor)
 WireError              DATA_LOSS (chunk order, size or SHA-256)
@@ -51,6 +53,14 @@ LINGER_S = 15.0
 
 class UnknownSite(FedbratsError):
     """A request names a site that has not joined this federation."""
+
+
+class NotAuthorized(FedbratsError):
+    """The peer's certificate may not act as the site a request names (or is revoked)."""
+
+
+class Unauthenticated(FedbratsError):
+    """The peer presented no client certificate."""
 
 
 def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
@@ -114,6 +124,9 @@ class AggregatorCore:
         self._finished = threading.Event()
         self._started = clock()
         self._save_model = save_model or self._save_model_file
+        #: True when the server runs with mutual TLS: every request's site id must equal the
+        #: peer certificate's CN.  Set by :func:`run_server`.
+        self.require_peer_identity = False
 
     # -- state -----------------------------------------------------------------------------
 
@@ -203,6 +216,31 @@ class AggregatorCore:
                          self._state.completed_round)
 
     # -- request checks --------------------------------------------------------------------
+
+    def authorize(self, peer_site: str | None, env: wire.Envelope) -> None:
+        """Bind the TLS peer's certificate CN to the site the request names.
+
+        ``peer_site`` is None when the server runs without TLS (``--insecure``).
+
+        Raises:
+            Unauthenticated: TLS is on and the peer has no certificate CN.
+            NotAuthorized: the CN differs from ``env.site_id``, is revoked, or is not an
+                allowed site.
+        """
+        if not self.require_peer_identity:
+            return
+        if not peer_site:
+            raise Unauthenticated("no client certificate: mutual TLS is required")
+        ag = self.cfg.aggregator
+        if peer_site in ag.revoked_sites:
+            raise NotAuthorized(f"site {peer_site!r} is revoked in federation "
+                                f"{self.federation_id!r}")
+        if peer_site == "aggregator" or (ag.allowed_sites and peer_site not in ag.allowed_sites):
+            raise NotAuthorized(f"certificate {peer_site!r} is not a site of federation "
+                                f"{self.federation_id!r}")
+        if env.site_id != peer_site:
+            raise NotAuthorized(f"certificate of site {peer_site!r} cannot act as site "
+                                f"{env.site_id!r}")
 
     def _check_envelope(self, env: wire.Envelope, *, joined: bool = True) -> None:
         if env.protocol_version != wire.PROTOCOL_VERSION:
@@ -363,11 +401,23 @@ class Servicer(wire.AggregatorServicer):
     def __init__(self, core: AggregatorCore):
         self.core = core
 
+    @staticmethod
+    def _peer_site(context) -> str | None:
+        names = context.auth_context().get("x509_common_name")
+        return names[0].decode("utf-8", "replace") if names else None
+
+    def _authorize(self, context, env: wire.Envelope) -> None:
+        self.core.authorize(self._peer_site(context), env)
+
     @contextlib.contextmanager
     def _errors(self, context, what: str):
         try:
             yield
-        except UnknownSite as exc:
+        except Unauthenticated as exc:
+            _LOGGER.warning("%s refused: %s", what, exc)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except (UnknownSite, NotAuthorized) as exc:
+            _LOGGER.warning("%s refused: %s", what, exc)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except UpdateRejected as exc:
             _LOGGER.warning("%s refused: %s", what, exc)
@@ -382,41 +432,51 @@ class Servicer(wire.AggregatorServicer):
     def Join(self, request, context):
         env, info = wire.decode_join_request(request)
         with self._errors(context, f"join from {env.site_id!r}"):
+            self._authorize(context, env)
             return wire.join_response(self.core.join(env, info))
 
     def GetTask(self, request, context):
         env, last, wait_ms = wire.decode_task_request(request)
         with self._errors(context, f"task for {env.site_id!r}"):
+            self._authorize(context, env)
             return wire.task_response(self.core.get_task(env, last, wait_ms))
 
     def FetchModel(self, request, context):
         env = wire.decode_envelope_of(request)
         with self._errors(context, f"model fetch by {env.site_id!r}"):
+            self._authorize(context, env)
             payload = self.core.model_payload(env)
         yield from wire.model_stream(payload)
 
     def FetchResult(self, request, context):
         env = wire.decode_envelope_of(request)
         with self._errors(context, f"result fetch by {env.site_id!r}"):
+            self._authorize(context, env)
             payload = self.core.result_payload(env)
         yield from wire.result_stream(payload)
 
     def SubmitUpdate(self, request_iterator, context):
         with self._errors(context, "update"):
             header = wire.receive_update_header(request_iterator)
+            self._authorize(context, header.envelope)
             return wire.submit_response(self.core.submit_update(header, request_iterator))
 
     def ReportMetrics(self, request, context):
         env, m = wire.decode_metrics_request(request)
         with self._errors(context, f"metrics from {env.site_id!r}"):
+            self._authorize(context, env)
             self.core.report_metrics(env, m)
             return wire.metrics_response(True)
 
 
 @contextlib.contextmanager
 def run_server(core: AggregatorCore, host: str = "127.0.0.1", port: int = 0,
-               max_message_mb: int = 4):
+               max_message_mb: int = 4, credentials: grpc.ServerCredentials | None = None):
     """Serve ``core`` over gRPC (plus the standard health service) while the block runs.
+
+    Args:
+        credentials: mutual-TLS server credentials (:func:`server_credentials`); None serves
+            plaintext without authentication (``--insecure``, tests of the protocol logic).
 
     Yields:
         The bound port (useful with ``port=0``).
@@ -426,7 +486,11 @@ def run_server(core: AggregatorCore, host: str = "127.0.0.1", port: int = 0,
     wire.add_aggregator_servicer(Servicer(core), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is not None:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+        core.require_peer_identity = True
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise FedbratsError(f"aggregator: cannot listen on {host}:{port}")
     server.start()
@@ -448,6 +512,28 @@ def run_server(core: AggregatorCore, host: str = "127.0.0.1", port: int = 0,
         server.stop(grace=2.0).wait()
 
 
+def server_credentials(cfg: Config) -> grpc.ServerCredentials:
+    """Mutual-TLS credentials from ``[tls]``: client certificates must chain to the CA.
+
+    Raises:
+        FedbratsError: a TLS file is missing or unreadable (names the field and file).
+    """
+    from crypto.pki import read_pem
+
+    t = cfg.tls
+    missing = [f"tls.{n}" for n in ("ca_cert", "cert", "key") if not getattr(t, n)]
+    if missing:
+        raise FedbratsError(f"aggregator: {', '.join(missing)} not set; run `fedbrats provision` "
+                            f"or pass --insecure for local debugging")
+    return grpc.ssl_server_credentials(
+        [(read_pem(t.key, "tls.key"), read_pem(t.cert, "tls.cert"))],
+        root_certificates=read_pem(t.ca_cert, "tls.ca_cert"), require_client_auth=True)
+
+
+INSECURE_WARNING = ("WARNING: --insecure: plaintext gRPC without authentication; anyone on the "
+                    "network can read updates and impersonate sites. Local debugging only.")
+
+
 def initial_global_model(cfg: Config) -> dict[str, np.ndarray]:
     """Round-1 global model: the configured SegResNet initialised from ``federation.seed``."""
     import torch
@@ -458,24 +544,38 @@ def initial_global_model(cfg: Config) -> dict[str, np.ndarray]:
     return state_to_numpy(build_model(cfg.model))
 
 
-def serve(cfg: Config) -> int:
+def serve(cfg: Config, *, insecure: bool = False) -> int:
     """Run the aggregator daemon until the federation ends.
+
+    Args:
+        cfg: aggregator configuration; ``[tls]`` must be set unless ``insecure``.
+        insecure: serve plaintext gRPC without client authentication (prints a warning).
 
     Returns:
         0 on success, :attr:`RoundAborted.exit_code` if the federation failed.
+
+    Raises:
+        FedbratsError: TLS material missing or unreadable.
     """
+    if insecure:
+        creds = None
+        _LOGGER.warning(INSECURE_WARNING)
+    else:
+        creds = server_credentials(cfg)
     model = initial_global_model(cfg)
     n_params = sum(int(v.size) for v in model.values())
     core = AggregatorCore(cfg, model)
     ag = cfg.aggregator
-    with run_server(core, ag.host, ag.port, ag.max_message_mb) as port:
+    with run_server(core, ag.host, ag.port, ag.max_message_mb, creds) as port:
         port_file = core.out_dir / "aggregator.port"
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(f"{port}\n")
         os.replace(tmp, port_file)
-        _LOGGER.info("aggregator for federation %s listening on %s:%d; %d rounds, %d site(s) "
-                     "expected, model %.2fM parameters, secure aggregation %s",
-                     cfg.federation.name, ag.host, port, cfg.federation.rounds,
+        _LOGGER.info("aggregator for federation %s listening on %s:%d (%s); %d rounds, %d "
+                     "site(s) expected, model %.2fM parameters, secure aggregation %s",
+                     cfg.federation.name, ag.host, port,
+                     "plaintext, NO authentication" if insecure else "mutual TLS",
+                     cfg.federation.rounds,
                      cfg.federation.sites, n_params / 1e6, cfg.federation.secure_aggregation)
         core.finished.wait()
         end = time.monotonic() + LINGER_S

@@ -3,9 +3,10 @@
 Subcommands::
 
     fedbrats data synth  --out DIR --sites N --cases-per-site K --seed S [--labels 2021|2023] [--spacing MM]
-    fedbrats aggregator  --config aggregator.toml
-    fedbrats node        --config site-1.toml
-    fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR]
+    fedbrats provision   --federation NAME --sites site-1,site-2,... --aggregator HOST:PORT --out DIR [--localhost] [--force]
+    fedbrats aggregator  --config aggregator.toml [--insecure]
+    fedbrats node        --config site-1.toml [--insecure]
+    fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR] [--insecure]
     fedbrats predict     --model FILE --case DIR --out FILE.nii.gz
 
 Exit codes: 0 success; 1 other fedbrats error; 2 configuration error; 3 input data error (the
@@ -49,16 +50,47 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def _warn_insecure(args) -> None:
+    if getattr(args, "insecure", False):
+        from aggregator.server import INSECURE_WARNING
+
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+
+
+def cmd_provision(args) -> int:
+    from fedbrats.provision import provision
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
+    base = _load(args.config) if args.config else None
+    manifest = provision(Path(args.out), federation=args.federation, sites=sites,
+                         aggregator=args.aggregator, base=base, localhost=args.localhost,
+                         force=args.force, days=args.days)
+    out = Path(args.out)
+    print(f"federation {manifest['federation']}: CA, aggregator kit and {len(sites)} site kit(s) "
+          f"written to {out}")
+    print(f"  copy {out / 'aggregator'} to the aggregator host "
+          f"(run: fedbrats aggregator --config aggregator.toml)")
+    for s in sites:
+        print(f"  copy {out / s} to {s} (set data.root in {s}.toml; run: fedbrats node --config "
+              f"{s}.toml)")
+    print(f"  keep {out / 'ca'} offline: it can issue certificates for the federation")
+    return 0
+
+
 def cmd_aggregator(args) -> int:
     from aggregator.server import serve
 
-    return serve(_load(args.config))
+    cfg = _load(args.config)
+    _warn_insecure(args)
+    return serve(cfg, insecure=args.insecure)
 
 
 def cmd_node(args) -> int:
     from node.daemon import serve
 
-    return serve(_load(args.config))
+    cfg = _load(args.config)
+    _warn_insecure(args)
+    return serve(cfg, insecure=args.insecure)
 
 
 def cmd_simulate(args) -> int:
@@ -76,7 +108,8 @@ def cmd_simulate(args) -> int:
         data["root"] = str(Path(args.data).expanduser().resolve())
     if fed or data:
         cfg = with_overrides(cfg, federation=fed, data=data)
-    return simulate(cfg, Path(args.out))
+    _warn_insecure(args)
+    return simulate(cfg, Path(args.out), insecure=args.insecure)
 
 
 def cmd_predict(args) -> int:
@@ -104,12 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", type=float, default=2.0, help="isotropic voxel size, mm")
     s.set_defaults(func=cmd_data_synth)
 
+    pv = sub.add_parser("provision", help="create a federation: CA, certificates, identity "
+                                          "keys and one kit per party")
+    pv.add_argument("--federation", required=True, help="federation id")
+    pv.add_argument("--sites", required=True, help="comma-separated site ids")
+    pv.add_argument("--aggregator", required=True, help="HOST:PORT the sites connect to")
+    pv.add_argument("--out", required=True, help="folder to create")
+    pv.add_argument("--config", help="base config for the party TOMLs (default: built-in)")
+    pv.add_argument("--localhost", action="store_true",
+                    help="also accept localhost/127.0.0.1 in the aggregator certificate")
+    pv.add_argument("--force", action="store_true", help="replace an existing federation")
+    pv.add_argument("--days", type=int, default=825, help="certificate validity, days")
+    pv.set_defaults(func=cmd_provision)
+
+    insecure_help = "plaintext gRPC without authentication (prints a warning; debugging only)"
     a = sub.add_parser("aggregator", help="run the aggregator daemon")
     a.add_argument("--config", required=True, help="aggregator TOML")
+    a.add_argument("--insecure", action="store_true", help=insecure_help)
     a.set_defaults(func=cmd_aggregator)
 
     n = sub.add_parser("node", help="run a site node daemon")
     n.add_argument("--config", required=True, help="site TOML")
+    n.add_argument("--insecure", action="store_true", help=insecure_help)
     n.set_defaults(func=cmd_node)
 
     sim = sub.add_parser("simulate", help="run a whole federation on 127.0.0.1 (real daemons)")
@@ -118,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, help="override federation.sites")
     sim.add_argument("--rounds", type=int, help="override federation.rounds")
     sim.add_argument("--data", help="BraTS/FeTS dataset folder (default: synthetic data)")
+    sim.add_argument("--insecure", action="store_true",
+                     help="skip the throwaway federation's mutual TLS (" + insecure_help + ")")
     sim.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("predict", help="segment one case with a trained model")

@@ -137,6 +137,36 @@ class EvaluationConfig:
     threshold: float = 0.5
 
 
+def _path(default: str = "") -> Any:
+    """A field holding a file path: relative paths resolve against the config file's folder."""
+    return field(default=default, metadata={"path": True})
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Mutual TLS material of one party (written by ``fedbrats provision``).
+
+    Paths are relative to the config file's folder unless absolute.  Empty paths mean no TLS;
+    then the daemons refuse to start unless run with ``--insecure``.
+
+    Attributes:
+        ca_cert: the federation CA certificate (PEM); peers must chain to it.
+        cert: this party's certificate (PEM).
+        key: this party's private key (PEM, file mode 0600).
+        server_name: (node) name expected in the aggregator's certificate; empty = the host
+            part of ``node.aggregator``.
+    """
+
+    ca_cert: str = _path()
+    cert: str = _path()
+    key: str = _path()
+    server_name: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ca_cert or self.cert or self.key)
+
+
 @dataclass(frozen=True)
 class AggregatorConfig:
     """The aggregator daemon.
@@ -150,6 +180,9 @@ class AggregatorConfig:
         round_timeout_s: deadline for updates in one round, from the round's start (s).
         metrics_timeout_s: how long to wait for the last round's metrics (s).
         max_message_mb: gRPC message size limit, MiB (payloads are chunked at 1 MiB).
+        allowed_sites: site ids that may join (their certificates' CN); empty = any site
+            with a certificate from the federation CA.
+        revoked_sites: site ids refused even with a valid certificate.
     """
 
     host: str = "127.0.0.1"
@@ -159,6 +192,8 @@ class AggregatorConfig:
     round_timeout_s: float = 1800.0
     metrics_timeout_s: float = 600.0
     max_message_mb: int = 4
+    allowed_sites: tuple[str, ...] = ()
+    revoked_sites: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -170,12 +205,15 @@ class NodeConfig:
         aggregator: ``host:port`` of the aggregator.
         state_dir: where the site keeps its state (local model, logs).
         connect_timeout_s: how long to retry reaching the aggregator (s).
+        identity_key: the site's Ed25519 identity private key (PEM, 0600), used to sign
+            secure-aggregation key advertisements.
     """
 
     site_id: str = ""
     aggregator: str = "127.0.0.1:50051"
     state_dir: str = "runs/site"
     connect_timeout_s: float = 120.0
+    identity_key: str = _path()
 
 
 @dataclass(frozen=True)
@@ -189,13 +227,14 @@ class Config:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+def _build(cls: type, raw: Any, path: str, problems: list[str], base: Path | None = None) -> Any:
     """Build dataclass ``cls`` from a TOML table, appending every problem to ``problems``."""
     if not isinstance(raw, dict):
         problems.append(f"{path or '<top>'}: expected a table, got {type(raw).__name__}")
@@ -213,9 +252,11 @@ def _build(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
         hint = hints[f.name]
         where = _join(path, f.name)
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, value, where, problems)
+            kwargs[f.name] = _build(hint, value, where, problems, base)
         else:
             ok, converted = _convert(hint, value)
+            if ok and f.metadata.get("path") and converted and base is not None:
+                converted = str((base / Path(converted).expanduser()).resolve())
             if ok:
                 kwargs[f.name] = converted
             else:
@@ -230,6 +271,8 @@ def _join(path: str, key: str) -> str:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {args[0].__name__}s"
         return f"a list of {len(args)} {args[0].__name__}s"
     return getattr(hint, "__name__", str(hint))
 
@@ -246,6 +289,11 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            if not isinstance(value, list):
+                return False, value
+            conv = [_convert(args[0], v) for v in value]
+            return all(ok for ok, _ in conv), tuple(c for _, c in conv)
         if not isinstance(value, list) or len(value) != len(args):
             return False, value
         out = []
@@ -313,18 +361,35 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         need(v > 0, f"aggregator.{name}", f"must be > 0 s, got {v}")
     need(ag.max_message_mb >= 2, "aggregator.max_message_mb",
          f"must be >= 2 MiB (chunks are 1 MiB), got {ag.max_message_mb}")
+    for name in ("allowed_sites", "revoked_sites"):
+        for site in getattr(ag, name):
+            need(_valid_site_id(site), f"aggregator.{name}", f"invalid site id {site!r}")
+    need(not cfg.node.site_id or _valid_site_id(cfg.node.site_id), "node.site_id",
+         f"invalid site id {cfg.node.site_id!r} (letters, digits, '-', '_', '.'; not "
+         f"'aggregator')")
     need(cfg.node.connect_timeout_s > 0, "node.connect_timeout_s",
          f"must be > 0 s, got {cfg.node.connect_timeout_s}")
 
 
-def config_from_dict(raw: dict, *, source: str = "<dict>") -> Config:
+def _valid_site_id(site: str) -> bool:
+    """Site ids: 1–64 of letters, digits, ``-``, ``_``, ``.``; ``aggregator`` is reserved."""
+    return (0 < len(site) <= 64 and site != "aggregator"
+            and all(c.isascii() and (c.isalnum() or c in "-_.") for c in site))
+
+
+def config_from_dict(raw: dict, *, source: str = "<dict>", base: Path | None = None) -> Config:
     """Build and validate a :class:`Config` from a parsed TOML mapping.
+
+    Args:
+        raw: the parsed TOML.
+        source: named in errors (the file path).
+        base: folder that relative file paths (TLS material, keys) resolve against.
 
     Raises:
         ConfigError: listing every problem, each naming the dotted field.
     """
     problems: list[str] = []
-    cfg = _build(Config, raw, "", problems)
+    cfg = _build(Config, raw, "", problems, base)
     # Fields with a wrong type fell back to their defaults, so range checks still run and
     # every problem is reported in one error.
     _check_values(cfg, problems)
@@ -348,7 +413,7 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(p), [f"not valid TOML: {exc}"]) from None
-    return config_from_dict(raw, source=str(p))
+    return config_from_dict(raw, source=str(p), base=p.resolve().parent)
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -10,7 +10,9 @@ shortcut — waits for them while printing progress, and writes under ``--out DI
 - ``metrics.jsonl`` (one line per round and site), ``events.jsonl``;
 - ``logs/aggregator.log`` and ``logs/<site>.log``;
 - ``final_model.pt`` and ``checkpoints/round-NNNN.pt``;
-- ``configs/`` (the per-party TOML files it generated).
+- ``configs/`` (the per-party TOML files it generated);
+- ``federation/`` (a throwaway federation from ``fedbrats provision``: CA, certificates and
+  identity keys; the daemons talk mutual TLS exactly as in production).
 
 Without ``--data`` (and with ``data.root`` empty) synthetic BraTS data is generated first into
 ``data.synth.cache_dir`` and reused by later runs with the same parameters.
@@ -152,7 +154,7 @@ def _f(v) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def summarize(out: Path, cfg: Config, wall_seconds: float) -> dict:
+def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = False) -> dict:
     """Build ``summary.json`` from ``metrics.jsonl`` (see module docstring)."""
     recs = []
     mpath = out / "metrics.jsonl"
@@ -178,6 +180,7 @@ def summarize(out: Path, cfg: Config, wall_seconds: float) -> dict:
         "rounds_planned": cfg.federation.rounds,
         "sites": sorted({r["site"] for r in recs}) or [f"site-{i}" for i in range(1, cfg.federation.sites + 1)],
         "secure_aggregation": cfg.federation.secure_aggregation,
+        "transport": "insecure" if insecure else "mtls",
         "dp": {"mode": "none", "epsilon": None, "delta": None},
         "dice": dice,
         "dice_per_site": {r["site"]: r["dice"] for r in final},
@@ -185,7 +188,7 @@ def summarize(out: Path, cfg: Config, wall_seconds: float) -> dict:
     }
 
 
-def simulate(cfg: Config, out: Path) -> int:
+def simulate(cfg: Config, out: Path, *, insecure: bool = False) -> int:
     """Run the federation described by ``cfg``; see the module docstring.
 
     Returns:
@@ -200,22 +203,40 @@ def simulate(cfg: Config, out: Path) -> int:
         for name in ("metrics.jsonl", "events.jsonl", "summary.json", "final_model.pt",
                      "aggregator.port"):
             (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "logs", "configs", "sites"):
+        for name in ("checkpoints", "logs", "configs", "sites", "federation"):
             shutil.rmtree(out / name, ignore_errors=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(exist_ok=True)
     root = ensure_data(cfg)
     cfg = replace(cfg, data=replace(cfg.data, root=str(root)))
 
-    agg_cfg = with_overrides(cfg, aggregator={"host": "127.0.0.1", "port": 0, "out_dir": str(out)})
+    sites = [f"site-{i}" for i in range(1, cfg.federation.sites + 1)]
+    kits = out / "federation"
+    tls: dict[str, dict] = {}
+    if not insecure:
+        from fedbrats.provision import provision
+
+        provision(kits, federation=cfg.federation.name, sites=sites, aggregator="127.0.0.1:0",
+                  localhost=True)
+        tls["aggregator"] = {"ca_cert": str(kits / "aggregator" / "ca.crt"),
+                             "cert": str(kits / "aggregator" / "aggregator.crt"),
+                             "key": str(kits / "aggregator" / "aggregator.key"),
+                             "server_name": ""}
+        for s in sites:
+            tls[s] = {"ca_cert": str(kits / s / "ca.crt"), "cert": str(kits / s / f"{s}.crt"),
+                      "key": str(kits / s / f"{s}.key"), "server_name": "127.0.0.1"}
+    flag = ["--insecure"] if insecure else []
+    agg_cfg = with_overrides(cfg, aggregator={"host": "127.0.0.1", "port": 0, "out_dir": str(out),
+                                              "allowed_sites": sites},
+                             tls=tls.get("aggregator", {}))
     agg_toml = out / "configs" / "aggregator.toml"
     agg_toml.write_text(to_toml(agg_cfg), encoding="utf-8")
     procs: dict[str, subprocess.Popen] = {}
     _say(f"federation {cfg.federation.name}: {cfg.federation.sites} site(s), "
-         f"{cfg.federation.rounds} round(s), secure aggregation {cfg.federation.secure_aggregation}; "
-         f"logs in {out / 'logs'}")
+         f"{cfg.federation.rounds} round(s), secure aggregation {cfg.federation.secure_aggregation}, "
+         f"transport {'PLAINTEXT (--insecure)' if insecure else 'mutual TLS'}; logs in {out / 'logs'}")
     try:
-        procs["aggregator"] = _spawn(["aggregator", "--config", str(agg_toml)],
+        procs["aggregator"] = _spawn(["aggregator", "--config", str(agg_toml), *flag],
                                      out / "logs" / "aggregator.log")
         port_file = out / "aggregator.port"
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -228,14 +249,16 @@ def simulate(cfg: Config, out: Path) -> int:
                                     f"see {out / 'logs' / 'aggregator.log'}")
             time.sleep(0.2)
         port = int(port_file.read_text().strip())
-        for i in range(1, cfg.federation.sites + 1):
-            site = f"site-{i}"
+        for site in sites:
             node_cfg = with_overrides(cfg, node={
                 "site_id": site, "aggregator": f"127.0.0.1:{port}",
-                "state_dir": str(out / "sites" / site)})
+                "state_dir": str(out / "sites" / site),
+                "identity_key": str(kits / site / "identity.key") if not insecure else ""},
+                tls=tls.get(site, {}))
             path = out / "configs" / f"{site}.toml"
             path.write_text(to_toml(node_cfg), encoding="utf-8")
-            procs[site] = _spawn(["node", "--config", str(path)], out / "logs" / f"{site}.log")
+            procs[site] = _spawn(["node", "--config", str(path), *flag],
+                                 out / "logs" / f"{site}.log")
         progress = _Progress(out, cfg.federation.rounds)
         codes: dict[str, int] = {}
         while len(codes) < len(procs):
@@ -259,7 +282,7 @@ def simulate(cfg: Config, out: Path) -> int:
     finally:
         _stop(procs)
     wall = time.perf_counter() - t_start
-    summary = summarize(out, cfg, wall)
+    summary = summarize(out, cfg, wall, insecure=insecure)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     d = summary["dice"]
     _say(f"done in {wall:.0f} s: {summary['rounds_completed']} round(s); final Dice WT "

@@ -240,18 +240,56 @@ def _site_number(site: str) -> int:
     return int(digits[-6:]) if digits else sum(site.encode())
 
 
-def serve(cfg: Config) -> int:
+def open_channel(cfg: Config, *, insecure: bool = False) -> grpc.Channel:
+    """A channel to ``node.aggregator``: mutual TLS from ``[tls]``, or plaintext if ``insecure``.
+
+    The aggregator's certificate must chain to ``tls.ca_cert`` and name ``tls.server_name``
+    (default: the host part of ``node.aggregator``).
+
+    Raises:
+        FedbratsError: TLS material missing or unreadable (names the field and file).
+    """
+    from crypto.pki import read_pem
+
+    opts = grpc_options(cfg.aggregator.max_message_mb)
+    if insecure:
+        return grpc.insecure_channel(cfg.node.aggregator, options=opts)
+    t = cfg.tls
+    missing = [f"tls.{n}" for n in ("ca_cert", "cert", "key") if not getattr(t, n)]
+    if missing:
+        raise FedbratsError(f"site {cfg.node.site_id}: {', '.join(missing)} not set; use the kit "
+                            f"from `fedbrats provision` or pass --insecure for local debugging")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read_pem(t.ca_cert, "tls.ca_cert"),
+        private_key=read_pem(t.key, "tls.key"),
+        certificate_chain=read_pem(t.cert, "tls.cert"))
+    if t.server_name:
+        opts.append(("grpc.ssl_target_name_override", t.server_name))
+    return grpc.secure_channel(cfg.node.aggregator, creds, options=opts)
+
+
+def serve(cfg: Config, *, insecure: bool = False) -> int:
     """Run the node daemon until the federation ends.
+
+    Args:
+        cfg: the site's configuration; ``[tls]`` must be set unless ``insecure``.
+        insecure: plaintext gRPC without authentication (prints a warning).
 
     Returns:
         The process exit code (0 on success).
 
     Raises:
-        FedbratsError: preflight failure (DataError), unreachable aggregator, refused request.
+        FedbratsError: preflight failure (DataError), unreachable aggregator, refused request,
+            missing TLS material.
     """
+    if insecure:
+        from aggregator.server import INSECURE_WARNING
+
+        _LOGGER.warning(INSECURE_WARNING)
+    else:
+        open_channel(cfg).close()  # fail on missing TLS material before the preflight
     node = Node(cfg)
-    opts = grpc_options(cfg.aggregator.max_message_mb)
-    with grpc.insecure_channel(cfg.node.aggregator, options=opts) as channel:
+    with open_channel(cfg, insecure=insecure) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=cfg.node.connect_timeout_s)
         except grpc.FutureTimeoutError:

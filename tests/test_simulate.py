@@ -55,6 +55,7 @@ def test_simulate_one_tiny_round_over_grpc(tiny_run):
     assert summary["rounds_completed"] == 1
     assert summary["sites"] == ["site-1", "site-2"]
     assert summary["secure_aggregation"] == "none"
+    assert summary["transport"] == "mtls"
     assert set(summary["dp"]) == {"mode", "epsilon", "delta"}
     assert set(summary["dice"]) == {"wt", "tc", "et", "mean"}
     assert all(0.0 <= summary["dice"][k] <= 1.0 for k in summary["dice"])
@@ -104,7 +105,7 @@ def test_node_preflight_failure_names_the_file_and_exits_3(tiny_run, tmp_path):
     cfg = tmp_path / "site.toml"
     cfg.write_text(f'[data]\nroot = "{data}"\n[node]\nsite_id = "site-1"\n'
                    f'aggregator = "127.0.0.1:9"\nconnect_timeout_s = 1.0\n')
-    res = fedbrats("node", "--config", str(cfg), timeout=300)
+    res = fedbrats("node", "--config", str(cfg), "--insecure", timeout=300)
     assert res.returncode == 3, res.stderr
     assert flair.name in res.stderr and case.name in res.stderr
     assert "Traceback" not in res.stderr

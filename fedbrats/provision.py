@@ -1,0 +1,165 @@
+"""``fedbrats provision``: create a federation's PKI and one kit per party (offline, once).
+
+Layout written under ``--out DIR``::
+
+    DIR/federation.json          public manifest: federation, sites, aggregator address,
+                                 certificate fingerprints, identity public keys
+    DIR/ca/ca.crt, ca.key        the federation CA — keep offline; never copy to a party
+    DIR/aggregator/              the aggregator's kit
+        aggregator.toml, ca.crt, aggregator.crt, aggregator.key (0600),
+        identities/<site>.pub    every site's Ed25519 identity *public* key
+    DIR/<site>/                  one kit per site
+        <site>.toml, ca.crt, <site>.crt, <site>.key (0600),
+        identity.key (0600), identity.pub
+
+Each kit holds only what its party may hold: no site kit contains another site's private key,
+and the aggregator kit contains no site private key.  Copy ``DIR/aggregator`` to the aggregator
+host and ``DIR/<site>`` to that site; keep ``DIR/ca`` offline (it is needed only to issue
+certificates).  The TOML files reference the key material by relative path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from pathlib import Path
+
+from crypto import pki
+from fedbrats.config import Config, _valid_site_id, config_from_dict, to_dict, to_toml
+from fedbrats.errors import ConfigError, FedbratsError
+
+MANIFEST = "federation.json"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (IPv6 as ``[::1]:PORT``).
+
+    Raises:
+        ConfigError: not of that form.
+    """
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("--aggregator", [f"expected HOST:PORT, got {address!r}"])
+    return host, int(port)
+
+
+def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
+              base: Config | None = None, localhost: bool = False, force: bool = False,
+              days: int = 825, now: dt.datetime | None = None) -> dict:
+    """Create the federation's CA, certificates, identity keys and per-party kits.
+
+    Args:
+        out: folder to create (see module docstring).
+        federation: federation id (``federation.name``).
+        sites: site ids; each becomes a certificate CN and a kit.
+        aggregator: ``HOST:PORT`` sites connect to; HOST goes into the server certificate.
+        base: config whose other sections the party configs start from (default: built-in).
+        localhost: also put ``localhost`` and ``127.0.0.1`` in the server certificate.
+        force: replace an existing federation in ``out``.
+        days: certificate validity, days.
+        now: issuance time (tests pin it).
+
+    Returns:
+        The manifest written to ``out/federation.json``.
+
+    Raises:
+        ConfigError: bad federation name, site ids or address (all listed).
+        FedbratsError: ``out`` already holds a federation (or other files) and not ``force``.
+    """
+    problems = []
+    if not federation.strip():
+        problems.append("--federation: must not be empty")
+    if not sites:
+        problems.append("--sites: give at least one site id")
+    for s in sites:
+        if not _valid_site_id(s):
+            problems.append(f"--sites: invalid site id {s!r} (letters, digits, '-', '_', '.'; "
+                            f"not 'aggregator')")
+    if len(set(sites)) != len(sites):
+        problems.append("--sites: site ids must be unique")
+    try:
+        host, port = parse_address(aggregator)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        host, port = "", 0
+    if problems:
+        raise ConfigError("fedbrats provision", problems)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            what = "a federation" if (out / MANIFEST).exists() else "files"
+            raise FedbratsError(f"{out} already holds {what}; refusing to overwrite it "
+                                f"(pass --force to replace it)")
+        if not (out / MANIFEST).exists():
+            raise FedbratsError(f"{out} holds files that are not a fedbrats federation; "
+                                f"refusing to delete them even with --force")
+        shutil.rmtree(out)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    base = base or Config()
+    out.mkdir(parents=True, exist_ok=True)
+
+    ca = pki.make_ca(federation, now=now, days=max(days, 3650))
+    (out / "ca").mkdir()
+    (out / "ca" / "ca.crt").write_bytes(ca.cert_pem)
+    pki.write_private(out / "ca" / "ca.key", ca.key_pem)
+
+    hosts = [host] + (["localhost", "127.0.0.1"] if localhost else [])
+    server = pki.issue_server_cert(ca, federation, hosts, now=now, days=days)
+    agg_dir = out / "aggregator"
+    (agg_dir / "identities").mkdir(parents=True)
+    (agg_dir / "ca.crt").write_bytes(ca.cert_pem)
+    (agg_dir / "aggregator.crt").write_bytes(server.cert_pem)
+    pki.write_private(agg_dir / "aggregator.key", server.key_pem)
+
+    raw = to_dict(base)
+    raw["federation"].update(name=federation, sites=len(sites),
+                             min_sites=min(base.federation.min_sites, len(sites)))
+    manifest = {
+        "federation": federation,
+        "aggregator": {"address": f"{host}:{port}", "hosts": hosts,
+                       "certificate_sha256": pki.cert_fingerprint(server.cert_pem)},
+        "ca_certificate_sha256": pki.cert_fingerprint(ca.cert_pem),
+        "sites": {},
+        "issued": now.isoformat(),
+    }
+    for site in sites:
+        kit = out / site
+        kit.mkdir()
+        cert = pki.issue_site_cert(ca, federation, site, now=now, days=days)
+        (kit / "ca.crt").write_bytes(ca.cert_pem)
+        (kit / f"{site}.crt").write_bytes(cert.cert_pem)
+        pki.write_private(kit / f"{site}.key", cert.key_pem)
+        id_priv, id_pub = pki.ed25519_identity()
+        pki.write_private(kit / "identity.key", id_priv)
+        (kit / "identity.pub").write_bytes(id_pub)
+        (agg_dir / "identities" / f"{site}.pub").write_bytes(id_pub)
+        site_raw = json.loads(json.dumps(raw))
+        site_raw["node"].update(site_id=site, aggregator=f"{_bracket(host)}:{port}",
+                                state_dir="state", identity_key="identity.key")
+        site_raw["tls"] = {"ca_cert": "ca.crt", "cert": f"{site}.crt", "key": f"{site}.key",
+                           "server_name": host}
+        _write_toml(kit / f"{site}.toml", site_raw)
+        manifest["sites"][site] = {
+            "certificate_sha256": pki.cert_fingerprint(cert.cert_pem),
+            "identity_public_key_pem": id_pub.decode(),
+        }
+    agg_raw = json.loads(json.dumps(raw))
+    agg_raw["aggregator"].update(host="0.0.0.0", port=port, out_dir="runs",
+                                 allowed_sites=list(sites), revoked_sites=[])
+    agg_raw["tls"] = {"ca_cert": "ca.crt", "cert": "aggregator.crt", "key": "aggregator.key",
+                      "server_name": ""}
+    _write_toml(agg_dir / "aggregator.toml", agg_raw)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _write_toml(path: Path, raw: dict) -> None:
+    cfg = config_from_dict(raw, source=str(path))  # validates; relative paths stay relative
+    path.write_text(f"# written by fedbrats provision; paths are relative to this file\n"
+                    f"{to_toml(cfg)}", encoding="utf-8")
