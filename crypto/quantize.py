@@ -1,0 +1,262 @@
+"""Fixed-point quantisation of float updates for masked sums modulo ``2**modulus_bits``.
+
+A site maps each coordinate ``x`` of its update to an integer ``q`` in ``[0, L]`` with
+``L = 2**bits - 1``::
+
+    x_c  = clip(x, -clip, +clip)                 # values beyond the range are counted
+    v    = (x_c + clip) / step,   step = 2 * clip / L      # v in [0, L]
+    q    = floor(v) + [u < v - floor(v)],   u ~ U[0, 1)    # stochastic rounding
+
+and sends ``w * q`` (its integer weight ``w``, e.g. its sample count, times ``q``), masked.  The
+aggregator recovers ``T = sum_i w_i q_i`` exactly, provided it never wraps modulo
+``2**modulus_bits`` -- which :func:`check_budget` guarantees -- and :func:`dequantize_sum` returns
+the weighted mean ``T * step / W - clip`` with ``W = sum_i w_i``.
+
+Error bound: stochastic rounding is unbiased (``E[q] = v``) and moves each value by less than one
+step, so per coordinate ``|mean - weighted mean of the clipped values| < step = 2 * clip / L``
+(a weighted average of errors each below one step), and the expectation of ``mean`` is exactly the
+weighted mean of the clipped values.  Clipping is the only other change, and it is counted.
+
+Bit budget: the largest possible total is ``max_sites * max_weight * L``, which needs
+``bits + ceil(log2(max_sites * max_weight))`` bits.  One more *guard bit* is required so that a
+total that is out of range (masks that did not cancel, a site that lied about its weight, a
+corrupted sum) lands above ``W * L`` and is detected by :func:`dequantize_sum` instead of
+silently decoding to a wrong average::
+
+    needed = bits + ceil(log2(max_sites * max_weight)) + 1  <=  modulus_bits
+
+If a 32-bit modulus is too small, :func:`check_budget` widens it to 64 bits (when allowed) or
+refuses the configuration, stating needed vs available bits.
+
+The rounding randomness need not be cryptographic, but it is explicit and deterministic under a
+seed: ``numpy.random.Generator(PCG64(seed))``, never numpy's global state.  Sites pass a fresh
+random seed per round.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from crypto.errors import CryptoInputError
+from fedbrats.errors import ConfigError
+
+__all__ = ["GUARD_BITS", "QuantParams", "bits_needed", "check_budget", "dequantize_sum", "quantize"]
+
+#: Extra bits required beyond the largest possible total (see the module docstring).
+GUARD_BITS = 1
+#: Largest supported value bit width (float64 holds these integers exactly).
+MAX_VALUE_BITS = 48
+_SOURCE = "secure aggregation quantisation"
+#: Values quantised per slice (bounds the float64 temporaries to a few tens of MiB).
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Quantisation and modulus parameters shared by every site and the aggregator.
+
+    Attributes:
+        clip: values are clipped to ``[-clip, clip]`` (``clip > 0``, finite).
+        bits: value bits; each quantised value lies in ``[0, 2**bits)`` (``2 <= bits <= 48``).
+        modulus_bits: masked sums are taken modulo ``2**modulus_bits``; 32 or 64.
+        max_sites: most sites whose inputs are summed in one round.
+        max_weight: largest integer weight one site may apply (e.g. its sample count).
+    """
+
+    clip: float
+    bits: int
+    modulus_bits: int
+    max_sites: int
+    max_weight: int
+
+    @property
+    def levels(self) -> int:
+        """``L = 2**bits - 1``, the largest quantised value."""
+        return (1 << self.bits) - 1
+
+    @property
+    def step(self) -> float:
+        """Quantisation step ``2 * clip / L``; also the per-coordinate error bound of a mean."""
+        return 2.0 * float(self.clip) / self.levels
+
+    @property
+    def dtype(self) -> np.dtype:
+        """``uint32`` or ``uint64``, the dtype of quantised values and masked sums."""
+        return np.dtype(np.uint32) if self.modulus_bits == 32 else np.dtype(np.uint64)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _problems(params: QuantParams) -> list[str]:
+    problems = []
+    clip = params.clip
+    if not isinstance(clip, numbers.Real) or isinstance(clip, bool) or not (math.isfinite(clip) and clip > 0):
+        problems.append(f"clip must be a finite number > 0, got {clip!r}")
+    if not _is_int(params.bits) or not 2 <= params.bits <= MAX_VALUE_BITS:
+        problems.append(f"bits must be an integer in [2, {MAX_VALUE_BITS}], got {params.bits!r}")
+    if not _is_int(params.modulus_bits) or params.modulus_bits not in (32, 64):
+        problems.append(f"modulus_bits must be 32 or 64, got {params.modulus_bits!r}")
+    if not _is_int(params.max_sites) or params.max_sites < 1:
+        problems.append(f"max_sites must be an integer >= 1, got {params.max_sites!r}")
+    if not _is_int(params.max_weight) or params.max_weight < 1:
+        problems.append(f"max_weight must be an integer >= 1, got {params.max_weight!r}")
+    return problems
+
+
+def bits_needed(params: QuantParams) -> int:
+    """``bits + ceil(log2(max_sites * max_weight)) + GUARD_BITS`` (fields assumed valid)."""
+    total_weight = int(params.max_sites) * int(params.max_weight)
+    return int(params.bits) + (total_weight - 1).bit_length() + GUARD_BITS
+
+
+def check_budget(params: QuantParams, *, widen: bool = True) -> QuantParams:
+    """Check that weighted sums of quantised values fit the modulus; widen 32 -> 64 or refuse.
+
+    Args:
+        params: the configured parameters.
+        widen: if the sum does not fit modulo ``2**32``, return the same parameters with
+            ``modulus_bits=64`` (when that fits) instead of refusing.
+
+    Returns:
+        ``params`` unchanged if they fit, or widened to a 64-bit modulus.
+
+    Raises:
+        ConfigError: a field is invalid (every problem is listed), or the budget does not fit,
+            stating the bits needed and the bits available.
+    """
+    if not isinstance(params, QuantParams):
+        raise CryptoInputError(f"params must be QuantParams, got {type(params).__name__}")
+    problems = _problems(params)
+    if problems:
+        raise ConfigError(_SOURCE, problems)
+    needed = bits_needed(params)
+    if needed <= params.modulus_bits:
+        return params
+    if widen and needed <= 64:
+        return replace(params, modulus_bits=64)
+    total_weight = params.max_sites * params.max_weight
+    m = params.modulus_bits
+    if widen:
+        available = "the largest modulus, 2^64, has 64 bits available; lower bits, max_sites or max_weight"
+    elif needed <= 64:
+        available = f"the modulus 2^{m} has {m} bits available (widening to 2^64 is not allowed)"
+    else:
+        available = f"the modulus 2^{m} has {m} bits available (even 2^64 would be too small)"
+    raise ConfigError(
+        _SOURCE,
+        [
+            f"bit budget exceeded: {params.bits} value bits + {(total_weight - 1).bit_length()} bits for "
+            f"{params.max_sites} sites x weight {params.max_weight} (= {total_weight}) + {GUARD_BITS} guard bit "
+            f"= {needed} bits needed, but {available}"
+        ],
+    )
+
+
+def _generator(seed: int | bytes) -> np.random.Generator:
+    if isinstance(seed, (bytes, bytearray)):
+        if not seed:
+            raise CryptoInputError("seed must not be empty")
+        seed = int.from_bytes(seed, "big")
+    elif not _is_int(seed) or seed < 0:
+        raise CryptoInputError("seed must be bytes or a non-negative int")
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def quantize(x: np.ndarray, params: QuantParams, *, seed: int | bytes, weight: int = 1) -> tuple[np.ndarray, int]:
+    """Clip, scale and stochastically round an update to integers, times the site's weight.
+
+    Args:
+        x: the update, any shape, a floating dtype (float32 in fedbrats).
+        params: parameters that pass :func:`check_budget` as they are (call it first and use
+            its result; unchecked parameters that do not fit are refused here).
+        seed: seed of the rounding generator ``Generator(PCG64(seed))``; bytes are read as a
+            big-endian integer.  Use a fresh random seed per round.
+        weight: the site's integer weight ``1 <= weight <= params.max_weight``.
+
+    Returns:
+        ``(q, clipped)``: ``q = weight * round(v)`` with ``x``'s shape and dtype
+        ``params.dtype``, and the number of values whose magnitude exceeded ``clip``.
+
+    Raises:
+        CryptoInputError: ``x`` is not floating-point or has non-finite values (the error gives
+            their count; nothing is quantised), or ``weight`` is out of range.
+        ConfigError: the parameters are invalid or do not fit the modulus.
+    """
+    params = check_budget(params, widen=False)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise CryptoInputError(f"x must be a floating-point array, got dtype {x.dtype}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise CryptoInputError(f"refusing to quantise: {bad} of {x.size} values are not finite (NaN or Inf)")
+    if not _is_int(weight) or not 1 <= weight <= params.max_weight:
+        raise CryptoInputError(f"weight must be an integer in [1, {params.max_weight}], got {weight!r}")
+    gen = _generator(seed)
+    clip = float(params.clip)
+    scale = params.levels / (2.0 * clip)
+    flat = x.reshape(-1)
+    out = np.empty(flat.size, dtype=params.dtype)
+    clipped = 0
+    # Slices bound the float64 temporaries; PCG64 draws are sequential, so the result does not
+    # depend on the slice size.
+    for start in range(0, flat.size, _CHUNK):
+        xs = flat[start : start + _CHUNK].astype(np.float64)
+        clipped += int(np.count_nonzero(np.abs(xs) > clip))
+        np.clip(xs, -clip, clip, out=xs)
+        v = (xs + clip) * scale
+        q = np.floor(v)
+        q += gen.random(size=q.size) < (v - q)
+        np.clip(q, 0, params.levels, out=q)  # float round-off at the ends
+        out[start : start + q.size] = q
+    if weight != 1:
+        out *= params.dtype.type(weight)  # fits: weight * L < 2**modulus_bits by the budget
+    return out.reshape(x.shape), clipped
+
+
+def dequantize_sum(total: np.ndarray, *, params: QuantParams, total_weight: int) -> np.ndarray:
+    """Decode an unmasked sum ``sum_i w_i q_i`` into the weighted mean of the clipped updates.
+
+    Inverts the affine map: ``mean = total * step / total_weight - clip``.  The result is within
+    ``params.step`` of the weighted mean of the clipped inputs in every coordinate, and equal
+    to it in expectation.
+
+    Args:
+        total: the unmasked sum, unsigned integers ``< 2**params.modulus_bits``.
+        params: the parameters the sites quantised with (they must pass :func:`check_budget`).
+        total_weight: ``W = sum_i w_i``, ``1 <= W <= max_sites * max_weight``.
+
+    Returns:
+        float64 array of ``total``'s shape.
+
+    Raises:
+        CryptoInputError: ``total_weight`` is out of range, ``total`` is not an unsigned integer
+            array below the modulus, or some coordinates exceed ``W * (2**bits - 1)`` -- the masks
+            did not cancel, a weight was misreported, or the sum is corrupt (the error counts the
+            coordinates; nothing is decoded).
+        ConfigError: the parameters are invalid or do not fit the modulus.
+    """
+    params = check_budget(params, widen=False)
+    limit = params.max_sites * params.max_weight
+    if not _is_int(total_weight) or not 1 <= total_weight <= limit:
+        raise CryptoInputError(f"total_weight must be an integer in [1, {limit}], got {total_weight!r}")
+    total = np.asarray(total)
+    if total.dtype.kind != "u" or total.dtype.itemsize * 8 > 64:
+        raise CryptoInputError(f"total must be an unsigned integer array, got dtype {total.dtype}")
+    t64 = total.astype(np.uint64)
+    if params.modulus_bits < 64 and t64.size and int(t64.max()) >> params.modulus_bits:
+        raise CryptoInputError(f"total has values >= 2^{params.modulus_bits}")
+    bound = np.uint64(int(total_weight) * params.levels)
+    over = int(np.count_nonzero(t64 > bound))
+    if over:
+        raise CryptoInputError(
+            f"{over} of {t64.size} coordinates of the sum exceed total_weight x (2^{params.bits} - 1): "
+            "the masks did not cancel, a weight was misreported, or the sum is corrupt"
+        )
+    return t64.astype(np.float64) * (params.step / int(total_weight)) - float(params.clip)
