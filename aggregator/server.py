@@ -38,9 +38,10 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aggregator import state as sm
+from aggregator import secagg as sa
 from aggregator.aggregate import UpdateRejected, make_secure_sum
 from fedbrats import wire
-from fedbrats.config import Config
+from fedbrats.config import Config, secagg_threshold
 from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted, WireError
 
 _LOGGER = logging.getLogger(__name__)
@@ -110,13 +111,20 @@ class AggregatorCore:
         self.params = sm.Params(
             total_rounds=fed.rounds, expected_sites=fed.sites, min_sites=fed.min_sites,
             join_timeout_s=ag.join_timeout_s, round_timeout_s=ag.round_timeout_s,
-            metrics_timeout_s=ag.metrics_timeout_s)
+            metrics_timeout_s=ag.metrics_timeout_s, mode=fed.secure_aggregation,
+            threshold=secagg_threshold(cfg) if fed.secure_aggregation == "mask" else 0,
+            stage_timeout_s=cfg.secagg.stage_timeout_s)
+        self.mode = fed.secure_aggregation
+        #: Called as ``on_receive(site, stage, message)`` with everything a site sends
+        #: (experiments and tests record what the aggregator actually sees).
+        self.on_receive = None
         self.out_dir = Path(ag.out_dir).expanduser()
         (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._cond = threading.Condition()
         self._state = sm.initial_state(self.params, clock())
         self._sites: dict[str, _Site] = {}
-        self._sum = make_secure_sum(fed.secure_aggregation)
+        self._sum = (sa.MaskedFedAvg(cfg) if fed.secure_aggregation == "mask"
+                     else make_secure_sum(fed.secure_aggregation))
         self._global = initial_model
         self._global_payload = wire.pack_tensors(initial_model)
         self._result_payloads: dict[int, wire.Payload] = {}
@@ -145,11 +153,29 @@ class AggregatorCore:
         while pending:
             ev = pending.pop(0)
             self._state, effects = sm.advance(self._state, ev)
+            self._sync_masked()
             for eff in effects:
                 follow = self._perform(eff)
                 if follow is not None:
                     pending.append(follow)
         self._cond.notify_all()
+
+    def _sync_masked(self) -> None:
+        """Hand the survivor sets U1..U3 the state machine fixed to the masked round."""
+        rnd = self._masked_round()
+        if rnd is None or rnd.round != self._state.round:
+            return
+        sets = dict(self._state.survivors)
+        rnd.u1 = tuple(sets.get("advertise_keys", ()))
+        rnd.u2 = tuple(sets.get("share_keys", ()))
+        rnd.u3 = tuple(sets.get("masked_input", ()))
+
+    def _masked_round(self) -> sa.MaskedRound | None:
+        return self._sum.current if isinstance(self._sum, sa.MaskedFedAvg) else None
+
+    def _received(self, site: str, stage: str, message) -> None:
+        if self.on_receive is not None:
+            self.on_receive(site, stage, message)
 
     def _perform(self, eff: sm.Effect) -> sm.Event | None:
         if isinstance(eff, sm.StartRound):
@@ -159,9 +185,18 @@ class AggregatorCore:
                          ", ".join(eff.participants))
             self._event("round_started", round=eff.round, sites=list(eff.participants))
             return None
-        if isinstance(eff, sm.AggregateRound):
+        if isinstance(eff, (sm.AggregateRound, sm.UnmaskRound)):
+            sites = eff.sites if isinstance(eff, sm.AggregateRound) else eff.survivors
+            if isinstance(eff, sm.UnmaskRound):
+                _LOGGER.info("round %d stage unmask: unmasking the sum of %d masked input(s) "
+                             "(U2 %d, U3 %d, U4 %d; dropped after sharing keys: %s)", eff.round,
+                             len(eff.survivors), len(eff.shared), len(eff.survivors),
+                             len(eff.responders),
+                             ", ".join(s for s in eff.shared if s not in eff.survivors) or "none")
             try:
-                new_model = self._sum.finalize(eff.sites)
+                new_model = self._sum.finalize(sites)
+            except RoundAborted as exc:
+                return sm.Abort(str(exc), self.clock())
             except FedbratsError as exc:
                 return sm.Abort(f"round {eff.round}: aggregation failed: {exc}", self.clock())
             self._global = new_model
@@ -169,12 +204,18 @@ class AggregatorCore:
             self._result_payloads[eff.round] = self._global_payload
             self._result_payloads.pop(eff.round - 2, None)
             self._checkpoint(eff.round)
-            losses = [self._round_loss[s] for s in eff.sites if s in self._round_loss]
+            losses = [self._round_loss[s] for s in sites if s in self._round_loss]
             _LOGGER.info("round %d stage aggregating: aggregated %d update(s) from %s; "
-                         "mean train loss %.4f", eff.round, len(eff.sites), ", ".join(eff.sites),
+                         "mean train loss %.4f", eff.round, len(sites), ", ".join(sites),
                          float(np.mean(losses)) if losses else float("nan"))
-            self._event("round_aggregated", round=eff.round, sites=list(eff.sites),
-                        mean_train_loss=float(np.mean(losses)) if losses else None)
+            extra = {}
+            if isinstance(eff, sm.UnmaskRound):
+                extra = {"secagg": {"U1": len(dict(self._state.survivors).get("advertise_keys", ())),
+                                    "U2": len(eff.shared), "U3": len(eff.survivors),
+                                    "U4": len(eff.responders),
+                                    "dropped": [s for s in eff.shared if s not in eff.survivors]}}
+            self._event("round_aggregated", round=eff.round, sites=list(sites),
+                        mean_train_loss=float(np.mean(losses)) if losses else None, **extra)
             return sm.RoundAggregated(eff.round, self.clock())
         if isinstance(eff, sm.Finished):
             if eff.failed:
@@ -257,7 +298,7 @@ class AggregatorCore:
 
     def _check_round_stage(self, env: wire.Envelope, stage: str) -> None:
         s = self._state
-        if s.stage is not sm.Stage.TRAINING:
+        if s.stage.value != stage:
             raise ProtocolError(f"site {env.site_id}: round {env.round} stage {env.stage} "
                                 f"refused: the aggregator is in stage {s.stage.value} of round "
                                 f"{s.round}")
@@ -298,8 +339,8 @@ class AggregatorCore:
         if s.completed_round > last_completed and s.completed_round in self._result_payloads:
             return wire.Task("result", s.completed_round, total,
                              self._result_payloads[s.completed_round].info.sha256)
-        if s.stage is sm.Stage.TRAINING and site in s.participants:
-            return wire.Task("training", s.round, total, self._global_payload.info.sha256,
+        if s.stage.value in _ROUND_STAGES and site in s.expected:
+            return wire.Task(s.stage.value, s.round, total, self._global_payload.info.sha256,
                              self.cfg.training.local_steps, submitted=site in s.submitted)
         return wire.Task("joining" if s.stage is sm.Stage.JOINING else "training",
                          s.round, total, message=f"waiting ({s.stage.value})")
@@ -317,7 +358,11 @@ class AggregatorCore:
     def model_payload(self, env: wire.Envelope) -> wire.Payload:
         with self._cond:
             self._check_envelope(env)
-            self._check_round_stage(env, "training")
+            s = self._state
+            if s.stage.value not in _ROUND_STAGES or env.round != s.round:
+                raise ProtocolError(f"site {env.site_id}: no global model for round {env.round} "
+                                    f"(the aggregator is in stage {s.stage.value} of round "
+                                    f"{s.round})")
             return self._global_payload
 
     def result_payload(self, env: wire.Envelope) -> wire.Payload:
@@ -332,15 +377,17 @@ class AggregatorCore:
 
     def submit_update(self, header: wire.UpdateHeader, body: Iterator) -> wire.SubmitReply:
         env = header.envelope
+        stage = self._update_stage
         with self._cond:
             self._check_envelope(env)
-            if env.site_id in self._state.submitted and env.round == self._state.round:
+            if env.site_id in self._state.submitted and env.round == self._state.round \
+                    and self._state.stage.value == stage:
                 return wire.SubmitReply(True, True, "duplicate: already counted once")
-            self._check_round_stage(env, "training")
+            self._check_round_stage(env, stage)
             if header.metadata.base_model_sha256 != self._global_payload.info.sha256:
                 raise ProtocolError(f"site {env.site_id}: round {env.round} update was computed "
                                     f"from another global model")
-            if header.payload.scheme != "plain":
+            if header.payload.scheme != ("mask" if self.mode == "mask" else "plain"):
                 raise ProtocolError(f"site {env.site_id}: payload scheme "
                                     f"{header.payload.scheme!r} does not match mode "
                                     f"{self.cfg.federation.secure_aggregation!r}")
@@ -349,17 +396,97 @@ class AggregatorCore:
         tensors = wire.unpack_tensors(payload)
         with self._cond:
             # The round may have moved on while the bytes streamed.
-            if env.site_id in self._state.submitted and env.round == self._state.round:
+            if env.site_id in self._state.submitted and env.round == self._state.round \
+                    and self._state.stage.value == stage:
                 return wire.SubmitReply(True, True, "duplicate: already counted once")
-            self._check_round_stage(env, "training")
+            self._check_round_stage(env, stage)
+            self._received(env.site_id, stage, tensors)
             self._sum.add(env.site_id, header.metadata.num_samples, tensors)
             self._round_loss[env.site_id] = header.metadata.train_loss
             _LOGGER.info("round %d stage training: update from site %s accepted (%d bytes, "
                          "weight %d, loss %.4f)", env.round, env.site_id,
                          payload.info.total_bytes, header.metadata.num_samples,
                          header.metadata.train_loss)
-            self._apply(sm.UpdateAccepted(env.site_id, env.round, self.clock()))
+            self._apply(sm.Submitted(env.site_id, env.round, sm.Stage(stage), self.clock()))
             return wire.SubmitReply(True, False, "accepted")
+
+    @property
+    def _update_stage(self) -> str:
+        return "masked_input" if self.mode == "mask" else "training"
+
+    # -- secure aggregation (mask mode) ----------------------------------------------------
+
+    def _masked_stage(self, env: wire.Envelope, stage: str) -> sa.MaskedRound:
+        """Checks for a mask-mode RPC that *acts* in ``stage``.  Caller holds the lock."""
+        self._check_envelope(env)
+        if self.mode != "mask":
+            raise ProtocolError(f"site {env.site_id}: secure aggregation is "
+                                f"{self.mode!r}, not 'mask'")
+        self._check_round_stage(env, stage)
+        rnd = self._masked_round()
+        if rnd is None:
+            raise ProtocolError(f"site {env.site_id}: no masked round in progress")
+        return rnd
+
+    def _masked_after(self, env: wire.Envelope, stage: str) -> sa.MaskedRound:
+        """Checks for a mask-mode RPC that *reads* what ``stage`` produced (any later stage)."""
+        self._check_envelope(env)
+        rnd = self._masked_round()
+        s = self._state
+        order = list(_MASK_ORDER)
+        if (self.mode != "mask" or rnd is None or env.round != s.round
+                or s.stage.value not in order or order.index(s.stage.value) <= order.index(stage)):
+            raise ProtocolError(f"site {env.site_id}: round {env.round}: the {stage} stage has "
+                                f"not closed (the aggregator is in stage {s.stage.value} of round "
+                                f"{s.round})")
+        return rnd
+
+    def advertise_keys(self, env: wire.Envelope, adv: sa.Advertisement) -> None:
+        with self._cond:
+            rnd = self._masked_stage(env, "advertise_keys")
+            if adv.site != env.site_id:
+                raise ProtocolError(f"site {env.site_id}: advertised keys name site {adv.site!r}")
+            if env.site_id in self._state.submitted:
+                return
+            self._received(env.site_id, "advertise_keys", adv)
+            rnd.add_advertisement(adv)
+            self._apply(sm.Submitted(env.site_id, env.round, sm.Stage.ADVERTISE_KEYS, self.clock()))
+
+    def get_keys(self, env: wire.Envelope):
+        with self._cond:
+            rnd = self._masked_after(env, "advertise_keys")
+            adverts, neighbours = rnd.keys_for(env.site_id)
+            return adverts, neighbours, rnd.threshold, sa.graph_seed(self.federation_id, rnd.round)
+
+    def share_keys(self, env: wire.Envelope, bundles: list[sa.EncryptedShares]) -> None:
+        with self._cond:
+            rnd = self._masked_stage(env, "share_keys")
+            if env.site_id in self._state.submitted:
+                return
+            self._received(env.site_id, "share_keys", bundles)
+            rnd.add_shares(env.site_id, bundles)
+            self._apply(sm.Submitted(env.site_id, env.round, sm.Stage.SHARE_KEYS, self.clock()))
+
+    def get_shares(self, env: wire.Envelope):
+        with self._cond:
+            return self._masked_after(env, "share_keys").shares_for(env.site_id)
+
+    def get_survivors(self, env: wire.Envelope):
+        with self._cond:
+            rnd = self._masked_after(env, "masked_input")
+            if env.site_id not in rnd.u3:
+                raise ProtocolError(f"site {env.site_id}: round {env.round}: its masked input "
+                                    f"did not arrive in time; it takes no part in unmasking")
+            return rnd.survivors()
+
+    def unmask(self, env: wire.Envelope, shares: list[sa.RevealedShare]) -> None:
+        with self._cond:
+            rnd = self._masked_stage(env, "unmask")
+            if env.site_id in self._state.submitted:
+                return
+            self._received(env.site_id, "unmask", shares)
+            rnd.add_revealed(env.site_id, shares)
+            self._apply(sm.Submitted(env.site_id, env.round, sm.Stage.UNMASK, self.clock()))
 
     def report_metrics(self, env: wire.Envelope, m: wire.MetricsReport) -> None:
         with self._cond:
@@ -374,6 +501,8 @@ class AggregatorCore:
                 "num_val_cases": m.num_val_cases, "train_loss": _num(m.train_loss),
                 "train_seconds": round(m.train_seconds, 3), "eval_seconds": round(m.eval_seconds, 3),
             }
+            if self.mode == "mask":
+                rec["clipped_values"] = m.clipped_values
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             _LOGGER.info("round %d: site %s Dice WT %.3f TC %.3f ET %.3f mean %.3f", env.round,
@@ -390,9 +519,13 @@ def _num(v: float) -> float | None:
     return None if v is None or not math.isfinite(v) else round(float(v), 6)
 
 
+_MASK_ORDER = ("advertise_keys", "share_keys", "masked_input", "unmask")
+_ROUND_STAGES = ("training", *_MASK_ORDER)
+
+
 def _actionable(task: wire.Task) -> bool:
-    return task.stage in ("done", "result") or (task.stage == "training" and bool(task.model_sha256)
-                                                and not task.submitted)
+    return task.stage in ("done", "result") or (
+        task.stage in _ROUND_STAGES and bool(task.model_sha256) and not task.submitted)
 
 
 class Servicer(wire.AggregatorServicer):
@@ -460,6 +593,45 @@ class Servicer(wire.AggregatorServicer):
             header = wire.receive_update_header(request_iterator)
             self._authorize(context, header.envelope)
             return wire.submit_response(self.core.submit_update(header, request_iterator))
+
+    def AdvertiseKeys(self, request, context):
+        env, adv = wire.decode_advertise_keys_request(request, sa.Advertisement)
+        with self._errors(context, f"key advertisement from {env.site_id!r}"):
+            self._authorize(context, env)
+            self.core.advertise_keys(env, adv)
+            return wire.ack("AdvertiseKeysResponse")
+
+    def GetKeys(self, request, context):
+        env = wire.decode_envelope_of(request)
+        with self._errors(context, f"key fetch by {env.site_id!r}"):
+            self._authorize(context, env)
+            return wire.get_keys_response(*self.core.get_keys(env))
+
+    def ShareKeys(self, request, context):
+        env, bundles = wire.decode_share_keys_request(request, sa.EncryptedShares)
+        with self._errors(context, f"shares from {env.site_id!r}"):
+            self._authorize(context, env)
+            self.core.share_keys(env, bundles)
+            return wire.ack("ShareKeysResponse")
+
+    def GetShares(self, request, context):
+        env = wire.decode_envelope_of(request)
+        with self._errors(context, f"share fetch by {env.site_id!r}"):
+            self._authorize(context, env)
+            return wire.get_shares_response(*self.core.get_shares(env))
+
+    def GetSurvivors(self, request, context):
+        env = wire.decode_envelope_of(request)
+        with self._errors(context, f"survivor fetch by {env.site_id!r}"):
+            self._authorize(context, env)
+            return wire.get_survivors_response(*self.core.get_survivors(env))
+
+    def Unmask(self, request, context):
+        with self._errors(context, "unmask"):
+            env, shares = wire.decode_unmask_request(request, sa.RevealedShare)
+            self._authorize(context, env)
+            self.core.unmask(env, shares)
+            return wire.ack("UnmaskResponse")
 
     def ReportMetrics(self, request, context):
         env, m = wire.decode_metrics_request(request)

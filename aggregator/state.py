@@ -10,6 +10,15 @@ Stages (:class:`Stage`):
 
 ``JOINING`` → ``TRAINING(r)`` → ``AGGREGATING(r)`` → ``TRAINING(r+1)`` … → ``FINISHING`` → ``DONE``
 
+and, with secure aggregation by masking (``Params.mode == "mask"``; Bonawitz et al., CCS 2017),
+each round instead runs
+
+``ADVERTISE_KEYS`` → ``SHARE_KEYS`` → ``MASKED_INPUT`` → ``UNMASK`` → ``AGGREGATING``
+
+where each stage expects the sites that completed the previous one (U1 ⊇ U2 ⊇ U3 ⊇ U4) and
+closes when all of them acted, or at its deadline if at least ``threshold`` did; with fewer the
+round aborts and nothing is released.
+
 - JOINING: waits until ``expected_sites`` have joined, or until ``min_sites`` have and
   ``join_timeout_s`` has passed since the first join; fails if ``min_sites`` never join within
   ``join_timeout_s``.
@@ -32,6 +41,10 @@ from dataclasses import dataclass, replace
 class Stage(enum.Enum):
     JOINING = "joining"
     TRAINING = "training"
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
     AGGREGATING = "aggregating"
     FINISHING = "finishing"
     DONE = "done"
@@ -48,6 +61,9 @@ class Params:
         join_timeout_s: seconds to wait for joins.
         round_timeout_s: seconds from a round's start to its update deadline.
         metrics_timeout_s: seconds to wait for the last round's metrics.
+        mode: ``none`` (plaintext updates) or ``mask`` (the four SecAgg stages).
+        threshold: (mask) fewest sites each SecAgg stage needs, the Shamir threshold t.
+        stage_timeout_s: (mask) deadline of the key and unmask stages, seconds.
     """
 
     total_rounds: int
@@ -56,6 +72,20 @@ class Params:
     join_timeout_s: float
     round_timeout_s: float
     metrics_timeout_s: float
+    mode: str = "none"
+    threshold: int = 0
+    stage_timeout_s: float = 60.0
+
+
+#: What each collecting stage waits for, for messages.
+_WHAT = {
+    "training": "update(s)",
+    "advertise_keys": "key advertisement(s)",
+    "share_keys": "share set(s)",
+    "masked_input": "masked input(s)",
+    "unmask": "unmask share set(s)",
+}
+_MASK_STAGES = (Stage.ADVERTISE_KEYS, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK)
 
 
 @dataclass(frozen=True)
@@ -67,7 +97,17 @@ class RoundState:
     round: int = 0
     joined: tuple[str, ...] = ()
     participants: tuple[str, ...] = ()
+    #: Sites the current stage waits for (participants, then U1, U2, U3 in mask mode).
+    expected: tuple[str, ...] = ()
+    #: Sites that acted in the current stage.
     submitted: tuple[str, ...] = ()
+    #: Mask mode: the sites that completed each finished stage of this round, by stage value
+    #: (``advertise_keys`` = U1, ``share_keys`` = U2, ``masked_input`` = U3, ``unmask`` = U4).
+    survivors: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: Sites whose update counted in the last aggregated round (for the metrics wait).
+    contributors: tuple[str, ...] = ()
+    #: Sites that missed a stage deadline; left out of later rounds until they join again.
+    inactive: tuple[str, ...] = ()
     completed_round: int = 0
     metrics_reported: tuple[str, ...] = ()
     started_at: float | None = None
@@ -92,10 +132,18 @@ class SiteJoined:
 
 
 @dataclass(frozen=True)
-class UpdateAccepted:
+class Submitted:
+    """``site`` completed ``stage`` of ``round`` (an update, keys, shares ...)."""
+
     site: str
     round: int
+    stage: Stage
     now: float
+
+
+def UpdateAccepted(site: str, round: int, now: float) -> Submitted:  # noqa: N802
+    """A plaintext update arrived (the TRAINING stage's submission)."""
+    return Submitted(site, round, Stage.TRAINING, now)
 
 
 @dataclass(frozen=True)
@@ -117,7 +165,7 @@ class Abort:
     now: float
 
 
-Event = Tick | SiteJoined | UpdateAccepted | RoundAggregated | MetricsReported | Abort
+Event = Tick | SiteJoined | Submitted | RoundAggregated | MetricsReported | Abort
 
 
 # Effects --------------------------------------------------------------------------------------
@@ -136,12 +184,28 @@ class AggregateRound:
 
 
 @dataclass(frozen=True)
+class UnmaskRound:
+    """Mask mode: remove the masks and aggregate.
+
+    Attributes:
+        shared: U2, the sites whose shares were distributed (their masks are in the sum).
+        survivors: U3, the sites whose masked input is in the sum.
+        responders: U4, the sites whose revealed shares arrived.
+    """
+
+    round: int
+    shared: tuple[str, ...]
+    survivors: tuple[str, ...]
+    responders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Finished:
     failed: bool
     message: str
 
 
-Effect = StartRound | AggregateRound | Finished
+Effect = StartRound | AggregateRound | UnmaskRound | Finished
 
 
 def initial_state(params: Params, now: float) -> RoundState:
@@ -161,8 +225,8 @@ def advance(state: RoundState, event: Event) -> tuple[RoundState, list[Effect]]:
         return _fail(state, event.reason)
     if isinstance(event, SiteJoined):
         return _on_join(state, event)
-    if isinstance(event, UpdateAccepted):
-        return _on_update(state, event)
+    if isinstance(event, Submitted):
+        return _on_submitted(state, event)
     if isinstance(event, RoundAggregated):
         return _on_aggregated(state, event)
     if isinstance(event, MetricsReported):
@@ -178,14 +242,48 @@ def _fail(state: RoundState, message: str) -> tuple[RoundState, list[Effect]]:
 
 
 def _start_round(state: RoundState, rnd: int, now: float) -> tuple[RoundState, list[Effect]]:
-    participants = tuple(sorted(state.joined))
-    s = replace(state, stage=Stage.TRAINING, round=rnd, participants=participants, submitted=(),
-                stage_started_at=now)
+    participants = tuple(sorted(s for s in state.joined if s not in state.inactive))
+    first = Stage.ADVERTISE_KEYS if state.params.mode == "mask" else Stage.TRAINING
+    s = replace(state, stage=first, round=rnd, participants=participants, expected=participants,
+                submitted=(), survivors=(), stage_started_at=now)
     return s, [StartRound(rnd, participants)]
+
+
+def _need(state: RoundState) -> int:
+    """Fewest submissions with which the current stage may close at its deadline."""
+    if state.stage in _MASK_STAGES:
+        return state.params.threshold
+    return state.params.min_sites
+
+
+def _deadline(state: RoundState) -> float:
+    p = state.params
+    if state.stage in (Stage.TRAINING, Stage.MASKED_INPUT):
+        return state.stage_started_at + p.round_timeout_s
+    return state.stage_started_at + p.stage_timeout_s
+
+
+def _close_stage(state: RoundState, now: float) -> tuple[RoundState, list[Effect]]:
+    """The current collecting stage is over with ``state.submitted``: move on."""
+    done = state.submitted
+    survivors = (*state.survivors, (state.stage.value, done))
+    s = replace(state, survivors=survivors, stage_started_at=now)
+    if state.stage is Stage.TRAINING:
+        return replace(s, stage=Stage.AGGREGATING, contributors=done), [
+            AggregateRound(state.round, done)]
+    if state.stage is Stage.UNMASK:
+        sets = dict(survivors)
+        return replace(s, stage=Stage.AGGREGATING, contributors=sets["masked_input"]), [
+            UnmaskRound(state.round, sets["share_keys"], sets["masked_input"], done)]
+    following = {Stage.ADVERTISE_KEYS: Stage.SHARE_KEYS, Stage.SHARE_KEYS: Stage.MASKED_INPUT,
+                 Stage.MASKED_INPUT: Stage.UNMASK}[state.stage]
+    return replace(s, stage=following, expected=done, submitted=()), []
 
 
 def _on_join(state: RoundState, ev: SiteJoined) -> tuple[RoundState, list[Effect]]:
     if ev.site in state.joined:
+        if ev.site in state.inactive:
+            return replace(state, inactive=tuple(s for s in state.inactive if s != ev.site)), []
         return state, []
     s = replace(state, joined=tuple(sorted((*state.joined, ev.site))),
                 first_join_at=state.first_join_at if state.first_join_at is not None else ev.now)
@@ -194,15 +292,14 @@ def _on_join(state: RoundState, ev: SiteJoined) -> tuple[RoundState, list[Effect
     return s, []
 
 
-def _on_update(state: RoundState, ev: UpdateAccepted) -> tuple[RoundState, list[Effect]]:
-    if state.stage is not Stage.TRAINING or ev.round != state.round:
+def _on_submitted(state: RoundState, ev: Submitted) -> tuple[RoundState, list[Effect]]:
+    if state.stage is not ev.stage or ev.round != state.round:
         return state, []
-    if ev.site not in state.participants or ev.site in state.submitted:
+    if ev.site not in state.expected or ev.site in state.submitted:
         return state, []
     s = replace(state, submitted=tuple(sorted((*state.submitted, ev.site))))
-    if set(s.submitted) == set(s.participants):
-        return replace(s, stage=Stage.AGGREGATING, stage_started_at=ev.now), [
-            AggregateRound(s.round, s.submitted)]
+    if set(s.submitted) == set(s.expected):
+        return _close_stage(s, ev.now)
     return s, []
 
 
@@ -221,7 +318,7 @@ def _on_metrics(state: RoundState, ev: MetricsReported) -> tuple[RoundState, lis
     if ev.site in state.metrics_reported:
         return state, []
     s = replace(state, metrics_reported=tuple(sorted((*state.metrics_reported, ev.site))))
-    if set(s.submitted) <= set(s.metrics_reported):
+    if set(s.contributors) <= set(s.metrics_reported):
         return _done(s)
     return s, []
 
@@ -242,13 +339,16 @@ def _on_tick(state: RoundState, now: float) -> tuple[RoundState, list[Effect]]:
             return _fail(state, f"only {n} of the {p.min_sites} sites needed joined within "
                                 f"{p.join_timeout_s:g} s")
         return state, []
-    if state.stage is Stage.TRAINING and now - state.stage_started_at >= p.round_timeout_s:
-        k = len(state.submitted)
-        if k >= p.min_sites:
-            return replace(state, stage=Stage.AGGREGATING, stage_started_at=now), [
-                AggregateRound(state.round, state.submitted)]
-        return _fail(state, f"round {state.round}: only {k} update(s) of the {p.min_sites} needed "
-                            f"arrived before the {p.round_timeout_s:g} s deadline; nothing released")
+    if state.stage.value in _WHAT and now >= _deadline(state):
+        k, need = len(state.submitted), _need(state)
+        missing = tuple(x for x in state.expected if x not in state.submitted)
+        state = replace(state, inactive=tuple(sorted({*state.inactive, *missing})))
+        if k >= need:
+            return _close_stage(state, now)
+        return _fail(state, f"round {state.round} stage {state.stage.value}: only {k} of the "
+                            f"{need} needed {_WHAT[state.stage.value]} arrived before the "
+                            f"{_deadline(state) - state.stage_started_at:g} s deadline; "
+                            f"nothing released")
     if state.stage is Stage.FINISHING and now - state.stage_started_at >= p.metrics_timeout_s:
         return _done(state)
     return state, []

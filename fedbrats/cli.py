@@ -6,7 +6,8 @@ Subcommands::
     fedbrats provision   --federation NAME --sites site-1,site-2,... --aggregator HOST:PORT --out DIR [--localhost] [--force]
     fedbrats aggregator  --config aggregator.toml [--insecure]
     fedbrats node        --config site-1.toml [--insecure]
-    fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR] [--insecure]
+    fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR]
+                         [--secure-agg none|mask] [--drop SITE:STAGE ...] [--insecure]
     fedbrats predict     --model FILE --case DIR --out FILE.nii.gz
 
 Exit codes: 0 success; 1 other fedbrats error; 2 configuration error; 3 input data error (the
@@ -94,7 +95,8 @@ def cmd_node(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from fedbrats.config import with_overrides
+    from fedbrats.config import DROP_STAGES, with_overrides
+    from fedbrats.errors import ConfigError
     from fedbrats.simulate import simulate
 
     cfg = _load(args.config)
@@ -106,10 +108,19 @@ def cmd_simulate(args) -> int:
         fed["rounds"] = args.rounds
     if args.data is not None:
         data["root"] = str(Path(args.data).expanduser().resolve())
+    if args.secure_agg is not None:
+        fed["secure_aggregation"] = args.secure_agg
     if fed or data:
         cfg = with_overrides(cfg, federation=fed, data=data)
+    drops = {}
+    for d in args.drop or []:
+        site, sep, stage = d.partition(":")
+        if not sep or not site or stage not in DROP_STAGES:
+            raise ConfigError("--drop", [f"expected SITE:STAGE with STAGE one of "
+                                         f"{', '.join(DROP_STAGES)}, got {d!r}"])
+        drops[site] = stage
     _warn_insecure(args)
-    return simulate(cfg, Path(args.out), insecure=args.insecure)
+    return simulate(cfg, Path(args.out), insecure=args.insecure, drops=drops)
 
 
 def cmd_predict(args) -> int:
@@ -167,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, help="override federation.sites")
     sim.add_argument("--rounds", type=int, help="override federation.rounds")
     sim.add_argument("--data", help="BraTS/FeTS dataset folder (default: synthetic data)")
+    sim.add_argument("--secure-agg", choices=["none", "mask"],
+                     help="override federation.secure_aggregation")
+    sim.add_argument("--drop", action="append", metavar="SITE:STAGE",
+                     help="fault injection: SITE vanishes when it reaches STAGE (repeatable)")
     sim.add_argument("--insecure", action="store_true",
                      help="skip the throwaway federation's mutual TLS (" + insecure_help + ")")
     sim.set_defaults(func=cmd_simulate)

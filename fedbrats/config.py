@@ -22,7 +22,9 @@ from typing import Any
 
 from fedbrats.errors import ConfigError
 
-SECURE_AGGREGATION_MODES = ("none",)
+SECURE_AGGREGATION_MODES = ("none", "mask")
+SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
+DROP_STAGES = ("training", "result", *SECAGG_STAGES)
 DP_MODES = ("none",)
 LABEL_CONVENTIONS = ("2021", "2023")
 MODEL_PRESETS = ("cpu-small", "paper")
@@ -38,7 +40,8 @@ class FederationConfig:
         rounds: number of federated rounds.
         sites: number of sites ``fedbrats simulate`` starts (site ids ``site-1``..``site-N``).
         min_sites: fewest updates a round may be aggregated from (after the round deadline).
-        secure_aggregation: update protection: ``none`` (plaintext FedAvg).
+        secure_aggregation: update protection: ``none`` (plaintext FedAvg) or ``mask``
+            (pairwise masking, Bonawitz et al. CCS 2017; see :class:`SecAggConfig`).
         seed: master seed for data synthesis, splits, initial weights and augmentation.
     """
 
@@ -46,7 +49,7 @@ class FederationConfig:
     rounds: int = 4
     sites: int = 3
     min_sites: int = 2
-    secure_aggregation: str = "none"
+    secure_aggregation: str = "mask"
     seed: int = 0
 
 
@@ -207,6 +210,10 @@ class NodeConfig:
         connect_timeout_s: how long to retry reaching the aggregator (s).
         identity_key: the site's Ed25519 identity private key (PEM, 0600), used to sign
             secure-aggregation key advertisements.
+        identities_dir: folder of every site's Ed25519 identity *public* key
+            (``<site>.pub``), to verify the other sites' key advertisements.
+        drop_at: fault injection for experiments and tests: the node vanishes (exits without a
+            word to the aggregator) when it reaches this stage; empty = never.
     """
 
     site_id: str = ""
@@ -214,6 +221,41 @@ class NodeConfig:
     state_dir: str = "runs/site"
     connect_timeout_s: float = 120.0
     identity_key: str = _path()
+    identities_dir: str = _path()
+    drop_at: str = ""
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation by pairwise masking (``federation.secure_aggregation = "mask"``).
+
+    Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning"
+    (CCS 2017), with the SecAgg+ neighbour graph of Bell et al. (CCS 2020).  Each site clips
+    every coordinate of its update Δ to ``[-clip, clip]``, quantises it to ``bits`` bits with
+    stochastic rounding, multiplies by its weight (training cases, ≤ ``max_weight``) and masks it
+    modulo ``2**modulus_bits``; the aggregator learns only the weighted mean.
+
+    Attributes:
+        threshold: Shamir threshold t: fewest sites each stage needs, and the most colluding
+            parties (aggregator plus t−1 sites) the protocol withstands is t−1 sites.
+            0 = ``sites // 2 + 1``.
+        neighbours: SecAgg+ graph degree k (even); 0 = every site masks with every other.
+        clip: per-coordinate clipping range of the update (weights units); clipped values
+            are counted and reported.
+        bits: quantisation bits per value; step = 2·clip/(2^bits − 1).
+        modulus_bits: 32 or 64; widened to 64 at set-up when the bit budget needs it.
+        max_weight: largest FedAvg weight (training cases) a site may contribute.
+        stage_timeout_s: deadline of the advertise-keys, share-keys and unmask stages (s); the
+            masked-input stage uses ``aggregator.round_timeout_s`` (it includes training).
+    """
+
+    threshold: int = 0
+    neighbours: int = 0
+    clip: float = 0.25
+    bits: int = 20
+    modulus_bits: int = 32
+    max_weight: int = 100
+    stage_timeout_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +270,7 @@ class Config:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     node: NodeConfig = field(default_factory=NodeConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +410,38 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(not cfg.node.site_id or _valid_site_id(cfg.node.site_id), "node.site_id",
          f"invalid site id {cfg.node.site_id!r} (letters, digits, '-', '_', '.'; not "
          f"'aggregator')")
+    need(not cfg.node.drop_at or cfg.node.drop_at in DROP_STAGES, "node.drop_at",
+         f"must be empty or one of {DROP_STAGES}, got {cfg.node.drop_at!r}")
+    sa = cfg.secagg
+    if fed.secure_aggregation == "mask":
+        t = secagg_threshold(cfg)
+        need(2 <= t <= fed.sites, "secagg.threshold",
+             f"must be in [2, federation.sites = {fed.sites}] (0 = sites // 2 + 1), got {t}"
+             + (" — masking needs at least 2 sites" if fed.sites < 2 else ""))
+    need(sa.threshold >= 0, "secagg.threshold", f"must be >= 0, got {sa.threshold}")
+    need(sa.neighbours == 0 or (sa.neighbours >= 2 and sa.neighbours % 2 == 0),
+         "secagg.neighbours", f"must be 0 (complete graph) or an even number >= 2, got "
+                              f"{sa.neighbours}")
+    need(sa.clip > 0, "secagg.clip", f"must be > 0, got {sa.clip}")
+    need(2 <= sa.bits <= 48, "secagg.bits", f"must be in [2, 48], got {sa.bits}")
+    need(sa.modulus_bits in (32, 64), "secagg.modulus_bits", f"must be 32 or 64, got {sa.modulus_bits}")
+    need(sa.max_weight >= 1, "secagg.max_weight", f"must be >= 1, got {sa.max_weight}")
+    need(sa.stage_timeout_s > 0, "secagg.stage_timeout_s", f"must be > 0 s, got {sa.stage_timeout_s}")
+    if fed.secure_aggregation == "mask" and not any(p.startswith("secagg.") for p in problems):
+        from crypto.quantize import QuantParams, check_budget
+
+        try:
+            check_budget(QuantParams(clip=sa.clip, bits=sa.bits, modulus_bits=sa.modulus_bits,
+                                     max_sites=fed.sites, max_weight=sa.max_weight), widen=True)
+        except ConfigError as exc:
+            problems.extend(f"secagg: {p}" for p in exc.problems)
     need(cfg.node.connect_timeout_s > 0, "node.connect_timeout_s",
          f"must be > 0 s, got {cfg.node.connect_timeout_s}")
+
+
+def secagg_threshold(cfg: Config) -> int:
+    """The effective Shamir threshold t (``secagg.threshold``, or ``sites // 2 + 1`` if 0)."""
+    return cfg.secagg.threshold or cfg.federation.sites // 2 + 1
 
 
 def _valid_site_id(site: str) -> bool:

@@ -10,7 +10,9 @@ Layout written under ``--out DIR``::
         identities/<site>.pub    every site's Ed25519 identity *public* key
     DIR/<site>/                  one kit per site
         <site>.toml, ca.crt, <site>.crt, <site>.key (0600),
-        identity.key (0600), identity.pub
+        identity.key (0600), identity.pub,
+        identities/<site>.pub    every site's identity *public* key (to verify the other
+                                 sites' signed key advertisements in secure aggregation)
 
 Each kit holds only what its party may hold: no site kit contains another site's private key,
 and the aggregator kit contains no site private key.  Copy ``DIR/aggregator`` to the aggregator
@@ -124,6 +126,7 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         "sites": {},
         "issued": now.isoformat(),
     }
+    identities: dict[str, bytes] = {}
     for site in sites:
         kit = out / site
         kit.mkdir()
@@ -135,9 +138,11 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         pki.write_private(kit / "identity.key", id_priv)
         (kit / "identity.pub").write_bytes(id_pub)
         (agg_dir / "identities" / f"{site}.pub").write_bytes(id_pub)
+        identities[site] = id_pub
         site_raw = json.loads(json.dumps(raw))
         site_raw["node"].update(site_id=site, aggregator=f"{_bracket(host)}:{port}",
-                                state_dir="state", identity_key="identity.key")
+                                state_dir="state", identity_key="identity.key",
+                                identities_dir="identities")
         site_raw["tls"] = {"ca_cert": "ca.crt", "cert": f"{site}.crt", "key": f"{site}.key",
                            "server_name": host}
         _write_toml(kit / f"{site}.toml", site_raw)
@@ -145,6 +150,10 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
             "certificate_sha256": pki.cert_fingerprint(cert.cert_pem),
             "identity_public_key_pem": id_pub.decode(),
         }
+    for site in sites:
+        (out / site / "identities").mkdir()
+        for other, pub in identities.items():
+            (out / site / "identities" / f"{other}.pub").write_bytes(pub)
     agg_raw = json.loads(json.dumps(raw))
     agg_raw["aggregator"].update(host="0.0.0.0", port=port, out_dir="runs",
                                  allowed_sites=list(sites), revoked_sites=[])

@@ -188,7 +188,8 @@ def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = F
     }
 
 
-def simulate(cfg: Config, out: Path, *, insecure: bool = False) -> int:
+def simulate(cfg: Config, out: Path, *, insecure: bool = False,
+             drops: dict[str, str] | None = None) -> int:
     """Run the federation described by ``cfg``; see the module docstring.
 
     Returns:
@@ -198,6 +199,11 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False) -> int:
         FedbratsError: data could not be prepared or the aggregator did not start.
     """
     t_start = time.perf_counter()
+    drops = dict(drops or {})
+    unknown = [s for s in drops if s not in {f"site-{i}" for i in range(1, cfg.federation.sites + 1)}]
+    if unknown:
+        raise FedbratsError(f"--drop names unknown site(s) {', '.join(unknown)} (the simulation "
+                            f"has site-1..site-{cfg.federation.sites})")
     out = out.expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         for name in ("metrics.jsonl", "events.jsonl", "summary.json", "final_model.pt",
@@ -212,12 +218,13 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False) -> int:
 
     sites = [f"site-{i}" for i in range(1, cfg.federation.sites + 1)]
     kits = out / "federation"
+    from fedbrats.provision import provision
+
+    # A throwaway federation: CA, mTLS certificates and Ed25519 identities, as in production.
+    provision(kits, federation=cfg.federation.name, sites=sites, aggregator="127.0.0.1:0",
+              base=cfg, localhost=True)
     tls: dict[str, dict] = {}
     if not insecure:
-        from fedbrats.provision import provision
-
-        provision(kits, federation=cfg.federation.name, sites=sites, aggregator="127.0.0.1:0",
-                  localhost=True)
         tls["aggregator"] = {"ca_cert": str(kits / "aggregator" / "ca.crt"),
                              "cert": str(kits / "aggregator" / "aggregator.crt"),
                              "key": str(kits / "aggregator" / "aggregator.key"),
@@ -253,7 +260,9 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False) -> int:
             node_cfg = with_overrides(cfg, node={
                 "site_id": site, "aggregator": f"127.0.0.1:{port}",
                 "state_dir": str(out / "sites" / site),
-                "identity_key": str(kits / site / "identity.key") if not insecure else ""},
+                "identity_key": str(kits / site / "identity.key"),
+                "identities_dir": str(kits / site / "identities"),
+                "drop_at": drops.get(site, "")},
                 tls=tls.get(site, {}))
             path = out / "configs" / f"{site}.toml"
             path.write_text(to_toml(node_cfg), encoding="utf-8")

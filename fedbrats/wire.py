@@ -30,13 +30,18 @@ ALLOWED_DTYPES = ("float32", "float64", "int32", "int64", "uint32", "uint64", "u
 #: Largest payload the codec accepts, bytes (a guard against a header that claims terabytes).
 MAX_PAYLOAD_BYTES = 16 << 30
 
-STAGES = ("unspecified", "joining", "training", "result", "done")
+STAGES = ("unspecified", "joining", "training", "result", "done", "advertise_keys",
+          "share_keys", "masked_input", "unmask")
 _STAGE_TO_PB = {
     "unspecified": pb.STAGE_UNSPECIFIED,
     "joining": pb.STAGE_JOINING,
     "training": pb.STAGE_TRAINING,
     "result": pb.STAGE_RESULT,
     "done": pb.STAGE_DONE,
+    "advertise_keys": pb.STAGE_ADVERTISE_KEYS,
+    "share_keys": pb.STAGE_SHARE_KEYS,
+    "masked_input": pb.STAGE_MASKED_INPUT,
+    "unmask": pb.STAGE_UNMASK,
 }
 _PB_TO_STAGE = {v: k for k, v in _STAGE_TO_PB.items()}
 
@@ -361,6 +366,7 @@ class MetricsReport:
     train_loss: float = float("nan")
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    clipped_values: int = 0
 
 
 def join_request(env: Envelope, info: JoinInfo) -> pb.JoinRequest:
@@ -491,17 +497,118 @@ def metrics_request(env: Envelope, m: MetricsReport) -> pb.ReportMetricsRequest:
     return pb.ReportMetricsRequest(
         envelope=envelope_to_pb(env), dice=_scores_to_pb(m.dice), hd95=_scores_to_pb(m.hd95),
         num_val_cases=m.num_val_cases, train_loss=m.train_loss, train_seconds=m.train_seconds,
-        eval_seconds=m.eval_seconds)
+        eval_seconds=m.eval_seconds, clipped_values=m.clipped_values)
 
 
 def decode_metrics_request(req: pb.ReportMetricsRequest) -> tuple[Envelope, MetricsReport]:
     return envelope_from_pb(req.envelope), MetricsReport(
         _scores_from_pb(req.dice), _scores_from_pb(req.hd95), int(req.num_val_cases),
-        float(req.train_loss), float(req.train_seconds), float(req.eval_seconds))
+        float(req.train_loss), float(req.train_seconds), float(req.eval_seconds),
+        int(req.clipped_values))
 
 
 def metrics_response(accepted: bool) -> pb.ReportMetricsResponse:
     return pb.ReportMetricsResponse(accepted=accepted)
+
+
+# ---------------------------------------------------------------------------------------------
+# Secure aggregation messages (mask mode).  Domain types live in aggregator.secagg; these
+# functions convert without importing it (plain tuples in, plain tuples out).
+
+_KIND_TO_PB = {"self_mask_seed": pb.SHARE_KIND_SELF_MASK_SEED, "mask_key": pb.SHARE_KIND_MASK_KEY}
+_PB_TO_KIND = {v: k for k, v in _KIND_TO_PB.items()}
+
+
+def _signed_keys_pb(adv) -> pb.SignedKeys:
+    return pb.SignedKeys(site_id=adv.site, mask_public=adv.mask_public,
+                         share_public=adv.share_public, signature=adv.signature)
+
+
+def _signed_keys_from_pb(k: pb.SignedKeys, cls):
+    return cls(k.site_id, bytes(k.mask_public), bytes(k.share_public), bytes(k.signature))
+
+
+def advertise_keys_request(env: Envelope, adv) -> pb.AdvertiseKeysRequest:
+    return pb.AdvertiseKeysRequest(envelope=envelope_to_pb(env), keys=_signed_keys_pb(adv))
+
+
+def decode_advertise_keys_request(req, cls) -> tuple[Envelope, object]:
+    return envelope_from_pb(req.envelope), _signed_keys_from_pb(req.keys, cls)
+
+
+def ack(cls_name: str, accepted: bool = True):
+    """An ``accepted`` response of the named message type (AdvertiseKeysResponse ...)."""
+    return getattr(pb, cls_name)(accepted=accepted)
+
+
+def get_keys_request(env: Envelope) -> pb.GetKeysRequest:
+    return pb.GetKeysRequest(envelope=envelope_to_pb(env))
+
+
+def get_keys_response(adverts, neighbours, threshold: int, graph_seed: bytes) -> pb.GetKeysResponse:
+    return pb.GetKeysResponse(keys=[_signed_keys_pb(a) for a in adverts], neighbours=neighbours,
+                              threshold=threshold, graph_seed=graph_seed)
+
+
+def decode_get_keys_response(r: pb.GetKeysResponse, cls) -> tuple[list, list[str], int, bytes]:
+    return ([_signed_keys_from_pb(k, cls) for k in r.keys], list(r.neighbours), int(r.threshold),
+            bytes(r.graph_seed))
+
+
+def _enc_pb(b) -> pb.EncryptedShares:
+    return pb.EncryptedShares(sender=b.sender, recipient=b.recipient, nonce=b.nonce,
+                              ciphertext=b.ciphertext)
+
+
+def _enc_from_pb(b: pb.EncryptedShares, cls):
+    return cls(b.sender, b.recipient, bytes(b.nonce), bytes(b.ciphertext))
+
+
+def share_keys_request(env: Envelope, bundles) -> pb.ShareKeysRequest:
+    return pb.ShareKeysRequest(envelope=envelope_to_pb(env), shares=[_enc_pb(b) for b in bundles])
+
+
+def decode_share_keys_request(req, cls) -> tuple[Envelope, list]:
+    return envelope_from_pb(req.envelope), [_enc_from_pb(b, cls) for b in req.shares]
+
+
+def get_shares_request(env: Envelope) -> pb.GetSharesRequest:
+    return pb.GetSharesRequest(envelope=envelope_to_pb(env))
+
+
+def get_shares_response(bundles, senders) -> pb.GetSharesResponse:
+    return pb.GetSharesResponse(shares=[_enc_pb(b) for b in bundles], senders=senders)
+
+
+def decode_get_shares_response(r, cls) -> tuple[list, list[str]]:
+    return [_enc_from_pb(b, cls) for b in r.shares], list(r.senders)
+
+
+def get_survivors_request(env: Envelope) -> pb.GetSurvivorsRequest:
+    return pb.GetSurvivorsRequest(envelope=envelope_to_pb(env))
+
+
+def get_survivors_response(survivors, dropped) -> pb.GetSurvivorsResponse:
+    return pb.GetSurvivorsResponse(survivors=survivors, dropped=dropped)
+
+
+def decode_get_survivors_response(r) -> tuple[list[str], list[str]]:
+    return list(r.survivors), list(r.dropped)
+
+
+def unmask_request(env: Envelope, shares) -> pb.UnmaskRequest:
+    return pb.UnmaskRequest(envelope=envelope_to_pb(env), shares=[
+        pb.RevealedShare(owner=s.owner, kind=_KIND_TO_PB[s.kind], x=s.x, share=s.share)
+        for s in shares])
+
+
+def decode_unmask_request(req, cls) -> tuple[Envelope, list]:
+    out = []
+    for s in req.shares:
+        if s.kind not in _PB_TO_KIND:
+            raise WireError(f"revealed share of {s.owner!r} has no kind")
+        out.append(cls(s.owner, _PB_TO_KIND[s.kind], int(s.x), bytes(s.share)))
+    return envelope_from_pb(req.envelope), out
 
 
 # ---------------------------------------------------------------------------------------------

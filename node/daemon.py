@@ -1,24 +1,31 @@
 """The site node daemon: ``fedbrats node --config site-1.toml``.
 
-Preflight (every case checked before round 1), then join the aggregator and loop:
+Preflight (every case checked before round 1), then join the aggregator and follow its tasks
+(:class:`SiteSession`):
 
-* task ``training`` (round r): fetch the global model if ours is not the one the round trains
-  from (SHA-256 checked), train ``local_steps`` steps, form Δ = w_local − w_global, apply the
-  update filters, protect it (:mod:`node.update`), stream it up;
-* task ``result`` (round r): fetch the round's result, recover the new global model from it,
-  evaluate it on this site's held-out cases and report Dice/HD95 (only metrics travel);
-* task ``done``: leave; exit 0, or :attr:`RoundAborted.exit_code` if the federation failed.
+* ``training`` (plaintext mode) or ``masked_input`` (mask mode), round r: fetch the global
+  model if ours is not the one the round trains from (SHA-256 checked), train ``local_steps``
+  steps, form Δ = w_local − w_global, apply the update filters (:mod:`node.update`), protect the
+  update — plaintext, or quantised and masked (:mod:`node.secagg_client`) — and stream it up;
+* ``advertise_keys`` / ``share_keys`` / ``unmask`` (mask mode): the secure-aggregation steps;
+* ``result``, round r: fetch the new global model, evaluate it on this site's held-out cases and
+  report Dice/HD95 (only metrics travel);
+* ``done``: leave; exit 0, or :attr:`RoundAborted.exit_code` if the federation failed.
 
-Uses CUDA when present (``training.device = "auto"``), else the CPU.
+The local work (training, evaluation) is a :class:`LocalWorker`; :class:`Node` is the real one
+(MONAI SegResNet on the site's BraTS cases, CUDA when present, else the CPU).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
+import numpy as np
 
 from aggregator.server import grpc_options
 from fedbrats import wire
@@ -39,6 +46,29 @@ class AggregatorUnreachable(FedbratsError):
     """The aggregator could not be reached within ``node.connect_timeout_s``."""
 
     exit_code = 7
+
+
+@dataclass(frozen=True)
+class LocalUpdate:
+    """What local training produced: Δ = w_local − w_global (name -> float32) and its stats."""
+
+    delta: dict[str, np.ndarray]
+    num_samples: int
+    steps: int
+    loss: float
+    seconds: float
+
+
+class LocalWorker(Protocol):
+    """The site's local work, behind the protocol."""
+
+    num_train: int
+    num_val: int
+    device: str
+
+    def train(self, round: int, global_model: dict[str, np.ndarray]) -> LocalUpdate: ...
+
+    def evaluate(self, round: int, global_model: dict[str, np.ndarray]) -> dict: ...
 
 
 def _site_cases(cfg: Config):
@@ -66,39 +96,89 @@ def _site_cases(cfg: Config):
 
 
 class Node:
-    """One site's participation in a federation (see module docstring)."""
+    """The real :class:`LocalWorker`: SegResNet training and validation on the site's cases."""
 
     def __init__(self, cfg: Config):
         from node import data
         from node.model import build_model, select_device
         from node.train import LocalTrainer, configure_torch, seed_everything
+
+        self.cfg = cfg
+        self.site = cfg.node.site_id
+        configure_torch(cfg.training)
+        self._device = select_device(cfg.training.device)
+        self.device = self._device.type
+        t0 = time.perf_counter()
+        train, val = _site_cases(cfg)
+        self.train_cases = [data.load_case(c) for c in train]
+        self.val_cases = [data.load_case(c) for c in val]
+        self.num_train, self.num_val = len(self.train_cases), len(self.val_cases)
+        _LOGGER.info("site %s: preflight passed; %d training and %d validation case(s) loaded "
+                     "in %.1f s; device %s", self.site, len(train), len(val),
+                     time.perf_counter() - t0, self._device)
+        seed = cfg.federation.seed * 1000 + _site_number(self.site)
+        seed_everything(seed)
+        self.model = build_model(cfg.model)
+        self.trainer = LocalTrainer(self.model, self.train_cases, cfg.training, cfg.data.labels,
+                                    self._device, seed)
+
+    def train(self, round: int, global_model: dict[str, np.ndarray]) -> LocalUpdate:
+        from node.model import load_numpy_state, state_to_numpy
+        from node.update import model_delta
+
+        load_numpy_state(self.model, global_model)
+        steps = self.cfg.training.local_steps
+        every = max(1, steps // 4)
+
+        def on_step(step: int, loss: float) -> None:
+            if step % every == 0 or step == steps:
+                _LOGGER.info("site %s: round %d step %d/%d loss %.4f", self.site, round, step,
+                             steps, loss)
+
+        res = self.trainer.train_round(round, on_step=on_step)
+        delta = model_delta(state_to_numpy(self.model), global_model)
+        return LocalUpdate(delta, res.num_samples, res.steps, res.mean_loss, res.seconds)
+
+    def evaluate(self, round: int, global_model: dict[str, np.ndarray]) -> dict:
+        from node.model import load_numpy_state
+        from node.train import evaluate
+
+        load_numpy_state(self.model, global_model)
+        if not self.val_cases:
+            return {}
+        return evaluate(self.model, self.val_cases, self.cfg.evaluation,
+                        labels=self.cfg.data.labels, device=self._device)
+
+
+class SiteSession:
+    """One site's participation in a federation: the protocol loop over gRPC.
+
+    Args:
+        cfg: the site's configuration.
+        worker: local training and evaluation.
+        masking: the site's :class:`~node.secagg_client.MaskingClient` (mask mode), else None.
+    """
+
+    def __init__(self, cfg: Config, worker: LocalWorker, masking=None):
         from node.update import make_protector, make_update_filters
 
         self.cfg = cfg
         self.site = cfg.node.site_id
         if not self.site:
             raise FedbratsError("node.site_id is empty: say which site this node is")
-        configure_torch(cfg.training)
-        self.device = select_device(cfg.training.device)
-        t0 = time.perf_counter()
-        train, val = _site_cases(cfg)
-        self.train_cases = [data.load_case(c) for c in train]
-        self.val_cases = [data.load_case(c) for c in val]
-        _LOGGER.info("site %s: preflight passed; %d training and %d validation case(s) loaded "
-                     "in %.1f s; device %s", self.site, len(train), len(val),
-                     time.perf_counter() - t0, self.device)
-        seed = cfg.federation.seed * 1000 + _site_number(self.site)
-        seed_everything(seed)
-        self.model = build_model(cfg.model)
-        self.trainer = LocalTrainer(self.model, self.train_cases, cfg.training, cfg.data.labels,
-                                    self.device, seed)
+        self.worker = worker
+        self.mode = cfg.federation.secure_aggregation
+        self.masking = masking
+        if self.mode == "mask" and masking is None:
+            raise FedbratsError(f"site {self.site}: mask mode needs the site's identity keys")
         self.filters = make_update_filters(cfg)
-        self.protector = make_protector(cfg)
+        self.protector = make_protector(cfg) if self.mode == "none" else None
         self.global_model: dict | None = None
         self.global_sha = b""
         self.last_completed = 0
-        self.state_dir = Path(cfg.node.state_dir).expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.last_update: LocalUpdate | None = None
+        self.clipped = 0
+        self.vanished = False
 
     # -- RPC helpers -----------------------------------------------------------------------
 
@@ -132,13 +212,23 @@ class Node:
     # -- the loop --------------------------------------------------------------------------
 
     def run(self, channel: grpc.Channel) -> int:
+        """Follow the aggregator's tasks until the federation ends; returns the exit code."""
         stub = wire.aggregator_stub(channel)
-        info = wire.JoinInfo(len(self.train_cases), len(self.val_cases), self.device.type)
+        info = wire.JoinInfo(self.worker.num_train, self.worker.num_val, self.worker.device)
+        if self.mode == "mask" and info.num_train_samples > self.cfg.secagg.max_weight:
+            raise FedbratsError(f"site {self.site}: {info.num_train_samples} training cases "
+                                f"exceed secagg.max_weight = {self.cfg.secagg.max_weight}")
         reply = wire.decode_join_response(self._call(
             "join", stub.Join, wire.join_request(self._env(stage="joining"), info),
             timeout=RPC_TIMEOUT_S))
-        _LOGGER.info("site %s joined federation %s: %d round(s), %d site(s) expected", self.site,
-                     self.cfg.federation.name, reply.total_rounds, reply.expected_sites)
+        _LOGGER.info("site %s joined federation %s: %d round(s), %d site(s) expected, secure "
+                     "aggregation %s", self.site, self.cfg.federation.name, reply.total_rounds,
+                     reply.expected_sites, self.mode)
+        handlers = {
+            "training": self._on_update, "masked_input": self._on_update,
+            "advertise_keys": self._on_advertise, "share_keys": self._on_share_keys,
+            "unmask": self._on_unmask, "result": self._on_result,
+        }
         while True:
             task = wire.decode_task_response(self._call(
                 "get task", stub.GetTask,
@@ -150,55 +240,102 @@ class Node:
                     return RoundAborted.exit_code
                 _LOGGER.info("site %s: %s", self.site, task.message or "federation complete")
                 return 0
-            if task.stage == "result":
-                self._on_result(stub, task)
-            elif task.stage == "training" and task.model_sha256 and not task.submitted:
-                self._on_training(stub, task)
+            actionable = task.stage == "result" or (task.model_sha256 and not task.submitted)
+            if task.stage in handlers and actionable:
+                if task.stage == self.cfg.node.drop_at:
+                    # Leave without a word to the aggregator, as a crashed site would.
+                    _LOGGER.warning("site %s: fault injection: vanishing at round %d stage %s "
+                                    "(node.drop_at)", self.site, task.round, task.stage)
+                    self.vanished = True
+                    return 0
+                handlers[task.stage](stub, task)
 
-    def _on_training(self, stub, task: wire.Task) -> None:
-        from node.model import load_numpy_state, state_to_numpy
-        from node.update import model_delta
+    def _ensure_global(self, stub, task: wire.Task) -> None:
+        r = task.round
+        if self.global_sha == task.model_sha256:
+            return
+        payload = wire.receive_model(self._call(
+            "fetch model", lambda: list(stub.FetchModel(
+                wire.fetch_model_request(self._env(r, task.stage)), timeout=STREAM_TIMEOUT_S))))
+        if payload.info.sha256 != task.model_sha256:
+            raise ProtocolError(f"site {self.site}: round {r}: fetched global model does not "
+                                f"match the announced SHA-256")
+        self.global_model = wire.unpack_tensors(payload)
+        self.global_sha = payload.info.sha256
+        _LOGGER.info("site %s: round %d: global model fetched (%.1f MB)", self.site, r,
+                     payload.info.total_bytes / 1e6)
+
+    def _on_advertise(self, stub, task: wire.Task) -> None:
+        adv = self.masking.advertise(task.round)
+        self._call("advertise keys", stub.AdvertiseKeys,
+                   wire.advertise_keys_request(self._env(task.round, "advertise_keys"), adv),
+                   timeout=RPC_TIMEOUT_S)
+        _LOGGER.info("site %s: round %d stage advertise_keys: signed keys advertised",
+                     self.site, task.round)
+
+    def _on_share_keys(self, stub, task: wire.Task) -> None:
+        from aggregator.secagg import Advertisement
 
         r = task.round
-        if self.global_sha != task.model_sha256:
-            payload = wire.receive_model(self._call(
-                "fetch model", lambda: list(stub.FetchModel(
-                    wire.fetch_model_request(self._env(r, "training")), timeout=STREAM_TIMEOUT_S))))
-            if payload.info.sha256 != task.model_sha256:
-                raise ProtocolError(f"site {self.site}: round {r}: fetched global model does "
-                                    f"not match the announced SHA-256")
-            self.global_model = wire.unpack_tensors(payload)
-            self.global_sha = payload.info.sha256
-            _LOGGER.info("site %s: round %d stage training: global model fetched (%.1f MB)",
-                         self.site, r, payload.info.total_bytes / 1e6)
-        load_numpy_state(self.model, self.global_model)
-        steps = task.local_steps or self.cfg.training.local_steps
-        _LOGGER.info("site %s: round %d stage training: %d local step(s)", self.site, r, steps)
-        every = max(1, steps // 4)
+        adverts, neighbours, threshold, seed = wire.decode_get_keys_response(self._call(
+            "get keys", stub.GetKeys, wire.get_keys_request(self._env(r, "share_keys")),
+            timeout=RPC_TIMEOUT_S), Advertisement)
+        bundles = self.masking.make_shares(r, adverts, neighbours, threshold, seed)
+        self._call("share keys", stub.ShareKeys,
+                   wire.share_keys_request(self._env(r, "share_keys"), bundles),
+                   timeout=RPC_TIMEOUT_S)
+        _LOGGER.info("site %s: round %d stage share_keys: %d advertisement(s) verified, "
+                     "encrypted shares sent to %d neighbour(s)", self.site, r, len(adverts),
+                     len(bundles))
 
-        def on_step(step: int, loss: float) -> None:
-            if step % every == 0 or step == steps:
-                _LOGGER.info("site %s: round %d step %d/%d loss %.4f", self.site, r, step, steps,
-                             loss)
+    def _on_update(self, stub, task: wire.Task) -> None:
+        r = task.round
+        if self.mode == "mask":
+            from aggregator.secagg import EncryptedShares
 
-        res = self.trainer.train_round(r, on_step=on_step)
-        self.last_train = res
-        delta = model_delta(state_to_numpy(self.model), self.global_model)
+            bundles, senders = wire.decode_get_shares_response(self._call(
+                "get shares", stub.GetShares, wire.get_shares_request(self._env(r, task.stage)),
+                timeout=RPC_TIMEOUT_S), EncryptedShares)
+            self.masking.receive_shares(r, bundles, senders)
+        self._ensure_global(stub, task)
+        _LOGGER.info("site %s: round %d stage %s: %d local step(s)", self.site, r, task.stage,
+                     task.local_steps or self.cfg.training.local_steps)
+        upd = self.worker.train(r, self.global_model)
+        self.last_update = upd
+        delta = upd.delta
         for f in self.filters:
             delta = f(r, delta)
-        payload = self.protector.protect(r, delta, res.num_samples)
-        meta = wire.UpdateMetadata(res.num_samples, res.steps, res.mean_loss, self.global_sha)
+        if self.mode == "mask":
+            tensors, self.clipped = self.masking.mask(r, delta, upd.num_samples)
+            payload = wire.pack_tensors(tensors, scheme="mask")
+            weight = 0  # the weight travels masked, inside the payload
+            if self.clipped:
+                _LOGGER.warning("site %s: round %d: %d update value(s) clipped to ±%g before "
+                                "quantisation", self.site, r, self.clipped, self.cfg.secagg.clip)
+        else:
+            payload = self.protector.protect(r, delta, upd.num_samples)
+            weight = upd.num_samples
+        meta = wire.UpdateMetadata(weight, upd.steps, upd.loss, self.global_sha)
         reply = wire.decode_submit_response(self._call(
             "submit update", stub.SubmitUpdate,
-            wire.update_stream(self._env(r, "training"), meta, payload), timeout=STREAM_TIMEOUT_S))
-        _LOGGER.info("site %s: round %d stage training: update submitted (%.1f MB, loss %.4f, "
-                     "%.1f s)%s", self.site, r, payload.info.total_bytes / 1e6, res.mean_loss,
-                     res.seconds, " (duplicate, counted once)" if reply.duplicate else "")
+            wire.update_stream(self._env(r, task.stage), meta, payload), timeout=STREAM_TIMEOUT_S))
+        _LOGGER.info("site %s: round %d stage %s: %s update submitted (%.1f MB, loss %.4f, "
+                     "%.1f s)%s", self.site, r, task.stage, payload.info.scheme,
+                     payload.info.total_bytes / 1e6, upd.loss, upd.seconds,
+                     " (duplicate, counted once)" if reply.duplicate else "")
+
+    def _on_unmask(self, stub, task: wire.Task) -> None:
+        r = task.round
+        survivors, dropped = wire.decode_get_survivors_response(self._call(
+            "get survivors", stub.GetSurvivors, wire.get_survivors_request(self._env(r, "unmask")),
+            timeout=RPC_TIMEOUT_S))
+        shares = self.masking.reveal(r, survivors, dropped)
+        self._call("unmask", stub.Unmask, wire.unmask_request(self._env(r, "unmask"), shares),
+                   timeout=RPC_TIMEOUT_S)
+        _LOGGER.info("site %s: round %d stage unmask: %d survivor(s), %d dropped; %d share(s) "
+                     "revealed", self.site, r, len(survivors), len(dropped), len(shares))
 
     def _on_result(self, stub, task: wire.Task) -> None:
-        from node.model import load_numpy_state
-        from node.train import evaluate
-
         r = task.round
         payload = wire.receive_model(self._call(
             "fetch result", lambda: list(stub.FetchResult(
@@ -206,28 +343,24 @@ class Node:
         if payload.info.sha256 != task.model_sha256:
             raise ProtocolError(f"site {self.site}: round {r}: fetched result does not match "
                                 f"the announced SHA-256")
-        self.global_model = self.protector.recover(r, payload)
-        self.global_sha = wire.payload_sha256(self.global_model)
-        load_numpy_state(self.model, self.global_model)
+        self.global_model = wire.unpack_tensors(payload)
+        self.global_sha = payload.info.sha256
         t0 = time.perf_counter()
-        if self.val_cases:
-            scores = evaluate(self.model, self.val_cases, self.cfg.evaluation,
-                              labels=self.cfg.data.labels, device=self.device)
-        else:
-            scores = {}
+        scores = self.worker.evaluate(r, self.global_model)
         eval_s = time.perf_counter() - t0
-        dice = {k: scores.get(k, float("nan")) for k in ("wt", "tc", "et", "mean")}
+        dice = {k: _float(scores.get(k)) for k in ("wt", "tc", "et", "mean")}
         hd95 = {k: _float(scores.get(f"hd95_{k}")) for k in ("wt", "tc", "et", "mean")}
-        last = getattr(self, "last_train", None)
+        last = self.last_update
         report = wire.MetricsReport(
-            dice=dice, hd95=hd95, num_val_cases=len(self.val_cases),
-            train_loss=last.mean_loss if last else float("nan"),
-            train_seconds=last.seconds if last else 0.0, eval_seconds=eval_s)
+            dice=dice, hd95=hd95, num_val_cases=self.worker.num_val,
+            train_loss=last.loss if last else float("nan"),
+            train_seconds=last.seconds if last else 0.0, eval_seconds=eval_s,
+            clipped_values=self.clipped)
         self._call("report metrics", stub.ReportMetrics,
                    wire.metrics_request(self._env(r, "result"), report), timeout=RPC_TIMEOUT_S)
         _LOGGER.info("site %s: round %d result: Dice WT %.3f TC %.3f ET %.3f mean %.3f "
                      "(%d case(s), %.1f s)", self.site, r, dice["wt"], dice["tc"], dice["et"],
-                     dice["mean"], len(self.val_cases), eval_s)
+                     dice["mean"], self.worker.num_val, eval_s)
         self.last_completed = r
 
 
@@ -268,6 +401,23 @@ def open_channel(cfg: Config, *, insecure: bool = False) -> grpc.Channel:
     return grpc.secure_channel(cfg.node.aggregator, creds, options=opts)
 
 
+def make_masking_client(cfg: Config):
+    """The site's :class:`~node.secagg_client.MaskingClient` from its provisioned keys.
+
+    Raises:
+        FedbratsError: ``node.identity_key`` or ``node.identities_dir`` unset or unreadable.
+    """
+    from node.secagg_client import MaskingClient, load_identities, load_identity_key
+
+    missing = [f"node.{n}" for n in ("identity_key", "identities_dir") if not getattr(cfg.node, n)]
+    if missing:
+        raise FedbratsError(f"site {cfg.node.site_id}: secure_aggregation = 'mask' needs "
+                            f"{' and '.join(missing)} (from the site kit of `fedbrats "
+                            f"provision`)")
+    return MaskingClient(cfg, cfg.node.site_id, load_identity_key(cfg.node.identity_key),
+                         load_identities(cfg.node.identities_dir))
+
+
 def serve(cfg: Config, *, insecure: bool = False) -> int:
     """Run the node daemon until the federation ends.
 
@@ -280,20 +430,23 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
 
     Raises:
         FedbratsError: preflight failure (DataError), unreachable aggregator, refused request,
-            missing TLS material.
+            missing TLS material or identity keys.
     """
+    if not cfg.node.site_id:
+        raise FedbratsError("node.site_id is empty: say which site this node is")
     if insecure:
         from aggregator.server import INSECURE_WARNING
 
         _LOGGER.warning(INSECURE_WARNING)
     else:
         open_channel(cfg).close()  # fail on missing TLS material before the preflight
-    node = Node(cfg)
+    masking = make_masking_client(cfg) if cfg.federation.secure_aggregation == "mask" else None
+    session = SiteSession(cfg, Node(cfg), masking)
     with open_channel(cfg, insecure=insecure) as channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=cfg.node.connect_timeout_s)
         except grpc.FutureTimeoutError:
             raise AggregatorUnreachable(
-                f"site {node.site}: aggregator {cfg.node.aggregator} unreachable for "
+                f"site {session.site}: aggregator {cfg.node.aggregator} unreachable for "
                 f"{cfg.node.connect_timeout_s:g} s") from None
-        return node.run(channel)
+        return session.run(channel)

@@ -54,7 +54,7 @@ def test_simulate_one_tiny_round_over_grpc(tiny_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 1
     assert summary["sites"] == ["site-1", "site-2"]
-    assert summary["secure_aggregation"] == "none"
+    assert summary["secure_aggregation"] == "mask"  # the default
     assert summary["transport"] == "mtls"
     assert set(summary["dp"]) == {"mode", "epsilon", "delta"}
     assert set(summary["dice"]) == {"wt", "tc", "et", "mean"}
@@ -65,6 +65,7 @@ def test_simulate_one_tiny_round_over_grpc(tiny_run):
     for name in ("aggregator", "site-1", "site-2"):
         assert (out / "logs" / f"{name}.log").stat().st_size > 0
     agg_log = (out / "logs" / "aggregator.log").read_text()
+    assert "round 1 stage unmask: unmasking the sum of 2 masked input(s)" in agg_log
     assert "round 1 stage aggregating: aggregated 2 update(s)" in agg_log
     assert (out / "final_model.pt").exists()
     assert (out / "checkpoints" / "round-0001.pt").exists()
@@ -103,7 +104,8 @@ def test_node_preflight_failure_names_the_file_and_exits_3(tiny_run, tmp_path):
     raw = flair.read_bytes()
     flair.write_bytes(raw[: len(raw) // 2])
     cfg = tmp_path / "site.toml"
-    cfg.write_text(f'[data]\nroot = "{data}"\n[node]\nsite_id = "site-1"\n'
+    cfg.write_text(f'[federation]\nsecure_aggregation = "none"\n'
+                   f'[data]\nroot = "{data}"\n[node]\nsite_id = "site-1"\n'
                    f'aggregator = "127.0.0.1:9"\nconnect_timeout_s = 1.0\n')
     res = fedbrats("node", "--config", str(cfg), "--insecure", timeout=300)
     assert res.returncode == 3, res.stderr

@@ -14,11 +14,28 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_TRAINING: _ClassVar[Stage]
     STAGE_RESULT: _ClassVar[Stage]
     STAGE_DONE: _ClassVar[Stage]
+    STAGE_ADVERTISE_KEYS: _ClassVar[Stage]
+    STAGE_SHARE_KEYS: _ClassVar[Stage]
+    STAGE_MASKED_INPUT: _ClassVar[Stage]
+    STAGE_UNMASK: _ClassVar[Stage]
+
+class ShareKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_KIND_UNSPECIFIED: _ClassVar[ShareKind]
+    SHARE_KIND_SELF_MASK_SEED: _ClassVar[ShareKind]
+    SHARE_KIND_MASK_KEY: _ClassVar[ShareKind]
 STAGE_UNSPECIFIED: Stage
 STAGE_JOINING: Stage
 STAGE_TRAINING: Stage
 STAGE_RESULT: Stage
 STAGE_DONE: Stage
+STAGE_ADVERTISE_KEYS: Stage
+STAGE_SHARE_KEYS: Stage
+STAGE_MASKED_INPUT: Stage
+STAGE_UNMASK: Stage
+SHARE_KIND_UNSPECIFIED: ShareKind
+SHARE_KIND_SELF_MASK_SEED: ShareKind
+SHARE_KIND_MASK_KEY: ShareKind
 
 class Envelope(_message.Message):
     __slots__ = ("protocol_version", "federation_id", "round", "stage", "site_id")
@@ -71,6 +88,130 @@ class Chunk(_message.Message):
     index: int
     data: bytes
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SignedKeys(_message.Message):
+    __slots__ = ("site_id", "mask_public", "share_public", "signature")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SHARE_PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    mask_public: bytes
+    share_public: bytes
+    signature: bytes
+    def __init__(self, site_id: _Optional[str] = ..., mask_public: _Optional[bytes] = ..., share_public: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("envelope", "keys")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    keys: SignedKeys
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., keys: _Optional[_Union[SignedKeys, _Mapping]] = ...) -> None: ...
+
+class AdvertiseKeysResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class GetKeysRequest(_message.Message):
+    __slots__ = ("envelope",)
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...
+
+class GetKeysResponse(_message.Message):
+    __slots__ = ("keys", "neighbours", "threshold", "graph_seed")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_SEED_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[SignedKeys]
+    neighbours: _containers.RepeatedScalarFieldContainer[str]
+    threshold: int
+    graph_seed: bytes
+    def __init__(self, keys: _Optional[_Iterable[_Union[SignedKeys, _Mapping]]] = ..., neighbours: _Optional[_Iterable[str]] = ..., threshold: _Optional[int] = ..., graph_seed: _Optional[bytes] = ...) -> None: ...
+
+class EncryptedShares(_message.Message):
+    __slots__ = ("sender", "recipient", "nonce", "ciphertext")
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    RECIPIENT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    sender: str
+    recipient: str
+    nonce: bytes
+    ciphertext: bytes
+    def __init__(self, sender: _Optional[str] = ..., recipient: _Optional[str] = ..., nonce: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("envelope", "shares")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ...) -> None: ...
+
+class ShareKeysResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class GetSharesRequest(_message.Message):
+    __slots__ = ("envelope",)
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...
+
+class GetSharesResponse(_message.Message):
+    __slots__ = ("shares", "senders")
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    SENDERS_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShares]
+    senders: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shares: _Optional[_Iterable[_Union[EncryptedShares, _Mapping]]] = ..., senders: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetSurvivorsRequest(_message.Message):
+    __slots__ = ("envelope",)
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ...) -> None: ...
+
+class GetSurvivorsResponse(_message.Message):
+    __slots__ = ("survivors", "dropped")
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner", "kind", "x", "share")
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    kind: ShareKind
+    x: int
+    share: bytes
+    def __init__(self, owner: _Optional[str] = ..., kind: _Optional[_Union[ShareKind, str]] = ..., x: _Optional[int] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("envelope", "shares")
+    ENVELOPE_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    envelope: Envelope
+    shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class UnmaskResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("envelope", "num_train_samples", "num_val_samples", "device")
@@ -207,7 +348,7 @@ class RegionScores(_message.Message):
     def __init__(self, wt: _Optional[float] = ..., tc: _Optional[float] = ..., et: _Optional[float] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
-    __slots__ = ("envelope", "dice", "hd95", "num_val_cases", "train_loss", "train_seconds", "eval_seconds")
+    __slots__ = ("envelope", "dice", "hd95", "num_val_cases", "train_loss", "train_seconds", "eval_seconds", "clipped_values")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     DICE_FIELD_NUMBER: _ClassVar[int]
     HD95_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +356,7 @@ class ReportMetricsRequest(_message.Message):
     TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLIPPED_VALUES_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     dice: RegionScores
     hd95: RegionScores
@@ -222,7 +364,8 @@ class ReportMetricsRequest(_message.Message):
     train_loss: float
     train_seconds: float
     eval_seconds: float
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., dice: _Optional[_Union[RegionScores, _Mapping]] = ..., hd95: _Optional[_Union[RegionScores, _Mapping]] = ..., num_val_cases: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ...) -> None: ...
+    clipped_values: int
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., dice: _Optional[_Union[RegionScores, _Mapping]] = ..., hd95: _Optional[_Union[RegionScores, _Mapping]] = ..., num_val_cases: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., clipped_values: _Optional[int] = ...) -> None: ...
 
 class ReportMetricsResponse(_message.Message):
     __slots__ = ("accepted",)

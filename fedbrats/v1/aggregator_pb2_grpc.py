@@ -64,6 +64,36 @@ class AggregatorStub:
                 request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/AdvertiseKeys',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysResponse.FromString,
+                _registered_method=True)
+        self.GetKeys = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/GetKeys',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.GetKeysRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.GetKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/ShareKeys',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.GetShares = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/GetShares',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSharesRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSharesResponse.FromString,
+                _registered_method=True)
+        self.GetSurvivors = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/GetSurvivors',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSurvivorsRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSurvivorsResponse.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/Unmask',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.UnmaskResponse.FromString,
+                _registered_method=True)
 
 
 class AggregatorServicer:
@@ -106,6 +136,43 @@ class AggregatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (mask mode); the masked input itself travels via SubmitUpdate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSurvivors(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AggregatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +205,36 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsRequest.FromString,
                     response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysResponse.SerializeToString,
+            ),
+            'GetKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetKeys,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.GetKeysRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.GetKeysResponse.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'GetShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShares,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSharesRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSharesResponse.SerializeToString,
+            ),
+            'GetSurvivors': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSurvivors,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSurvivorsRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.GetSurvivorsResponse.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.UnmaskRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.UnmaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -302,6 +399,168 @@ class Aggregator:
             '/fedbrats.v1.Aggregator/ReportMetrics',
             fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsRequest.SerializeToString,
             fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/AdvertiseKeys',
+            fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/GetKeys',
+            fedbrats_dot_v1_dot_aggregator__pb2.GetKeysRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.GetKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/ShareKeys',
+            fedbrats_dot_v1_dot_aggregator__pb2.ShareKeysRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/GetShares',
+            fedbrats_dot_v1_dot_aggregator__pb2.GetSharesRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.GetSharesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSurvivors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/GetSurvivors',
+            fedbrats_dot_v1_dot_aggregator__pb2.GetSurvivorsRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.GetSurvivorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/Unmask',
+            fedbrats_dot_v1_dot_aggregator__pb2.UnmaskRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.UnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,7 +35,8 @@ def _model():
 def server(fed_dir, tmp_path):
     cfg = load_config(fed_dir / "aggregator" / "aggregator.toml")
     cfg = with_overrides(cfg, aggregator={"out_dir": str(tmp_path), "revoked_sites": ["site-3"]},
-                         federation={"sites": 2, "min_sites": 2, "rounds": 1})
+                         federation={"sites": 2, "min_sites": 2, "rounds": 1,
+                                     "secure_aggregation": "none"})
     core = AggregatorCore(cfg, _model(),
                           save_model=lambda p, t, r: np.savez(p.with_suffix(".npz"), **t))
     with run_server(core, "127.0.0.1", 0, credentials=server_credentials(cfg)) as port:
@@ -74,7 +75,8 @@ def test_plaintext_client_cannot_connect(server):
 def test_certificate_from_another_ca_is_refused(server, fed_dir, tmp_path):
     _, addr = server
     rogue = tmp_path / "rogue"
-    provision(rogue, federation=FED, sites=["site-1"], aggregator="127.0.0.1:0", localhost=True)
+    provision(rogue, federation=FED, sites=["site-1", "site-2"], aggregator="127.0.0.1:0",
+              localhost=True)
     # Trusts the real CA for the server, but presents a site-1 certificate from a rogue CA.
     with _channel(addr, rogue / "site-1", "site-1", fed_dir / "ca" / "ca.crt") as ch:
         with pytest.raises(grpc.RpcError) as ei:
@@ -148,6 +150,9 @@ def test_kits_hold_only_their_own_secrets(fed_dir):
             if other != site:
                 assert not list(kit.glob(f"*{other}*"))
         assert pki.cert_common_name((kit / f"{site}.crt").read_bytes()) == site
+        # Every site's identity *public* key, nothing else, to verify key advertisements.
+        assert sorted(p.name for p in (kit / "identities").iterdir()) == [f"{s}.pub" for s in SITES]
+        assert all(b"PUBLIC KEY" in p.read_bytes() for p in (kit / "identities").iterdir())
         # identity.pub in the kit is the public half the aggregator holds.
         assert (kit / "identity.pub").read_bytes() == (agg / "identities" / f"{site}.pub").read_bytes()
     for key in _private_keys(fed_dir):
@@ -183,7 +188,7 @@ def test_provision_refuses_to_overwrite_and_checks_arguments(fed_dir, tmp_path):
 
 def test_server_certificate_names_the_given_host(tmp_path):
     now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    m = provision(tmp_path / "f", federation="f", sites=["a"], aggregator="agg.example.org:443",
+    m = provision(tmp_path / "f", federation="f", sites=["a", "b"], aggregator="agg.example.org:443",
                   now=now)
     assert m["aggregator"]["hosts"] == ["agg.example.org"]
     from cryptography import x509

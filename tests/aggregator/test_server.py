@@ -21,7 +21,7 @@ FED = "test-fed"
 
 def _cfg(tmp_path, **fed):
     return with_overrides(Config(), federation={"name": FED, "sites": 2, "min_sites": 2,
-                                                "rounds": 2, **fed},
+                                                "rounds": 2, "secure_aggregation": "none", **fed},
                           aggregator={"out_dir": str(tmp_path)}, training={"local_steps": 3})
 
 
