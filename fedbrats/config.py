@@ -259,6 +259,76 @@ class SecAggConfig:
 
 
 @dataclass(frozen=True)
+class CKKSConfig:
+    """Homomorphic aggregation with CKKS (``federation.secure_aggregation = "ckks"``, TenSEAL).
+
+    Cheon, Kim, Kim, Song, "Homomorphic Encryption for Arithmetic of Approximate Numbers"
+    (ASIACRYPT 2017).  All sites share the secret key (as NVIDIA FLARE does); the aggregator holds
+    a public context without it and only adds ciphertexts.
+
+    Attributes:
+        poly_modulus_degree: ring dimension N; each ciphertext packs N/2 values.
+        coeff_mod_bit_sizes: bit sizes of the coefficient modulus primes.
+        scale_bits: log2 of the encoding scale.
+        max_abs_value: largest |weight · Δ| coordinate a site may encrypt (checked; for the
+            precision and headroom check at provisioning).
+        context: (site/aggregator) path of the serialized TenSEAL context from provisioning —
+            secret context in site kits, public context in the aggregator kit.
+    """
+
+    poly_modulus_degree: int = 8192
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
+    scale_bits: int = 40
+    max_abs_value: float = 64.0
+    context: str = _path()
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy (Li et al. 2019, arXiv:1910.00962; Abadi et al. CCS 2016).
+
+    Attributes:
+        mode: mechanisms, combinable: ``dp-sgd`` (sample-level DP-SGD with Opacus),
+            ``site-local`` (each site clips ‖Δ‖₂ ≤ site_clip and adds N(0, σ²C²)),
+            ``site-distributed`` (each site adds a share so the *sum* carries σC; needs secure
+            aggregation), ``svt`` (sparse vector technique), ``partial`` (share the largest
+            fraction of |Δ|).  Empty = no DP.
+        noise_multiplier: DP-SGD noise multiplier σ (0 = derive from target_epsilon).
+        target_epsilon: DP-SGD target ε over all planned rounds (used when noise_multiplier
+            is 0).
+        delta: δ of the sample-level guarantee.
+        max_grad_norm: DP-SGD per-sample gradient clipping norm C.
+        accountant: ``rdp`` or ``prv``.
+        epsilon_budget: a site refuses a round that would take its sample-level ε above this
+            (0 = no budget).
+        site_clip: site-level clipping norm C of ‖Δ‖₂.
+        site_noise_multiplier: site-level noise multiplier σ.
+        site_delta: δ of the site-level guarantee.
+        svt_epsilon: SVT ε per round.
+        svt_gamma: SVT per-parameter clipping γ.
+        svt_tau: SVT threshold τ.
+        svt_fraction: SVT fraction of parameters released per round (c / #parameters).
+        partial_fraction: share of parameters (largest |Δ|) sent per round.
+    """
+
+    mode: tuple[str, ...] = ()
+    noise_multiplier: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    epsilon_budget: float = 0.0
+    site_clip: float = 1.0
+    site_noise_multiplier: float = 1.0
+    site_delta: float = 1e-5
+    svt_epsilon: float = 1.0
+    svt_gamma: float = 1e-4
+    svt_tau: float = 1e-4
+    svt_fraction: float = 0.1
+    partial_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole fedbrats configuration; see the section classes for each field."""
 
@@ -271,6 +341,8 @@ class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    ckks: CKKSConfig = field(default_factory=CKKSConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
 
 
 # ---------------------------------------------------------------------------------------------
