@@ -14,7 +14,6 @@ FedAvg weight w, so weights travel masked too and the aggregator learns only Σw
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,71 +24,20 @@ from crypto import quantize as quant
 from crypto import secagg
 from crypto.errors import CryptoError, CryptoInputError
 from fedbrats.config import Config, secagg_threshold
-from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted
+from fedbrats.errors import ProtocolError, RoundAborted
+from fedbrats.masking import (
+    MASK_KEY,
+    MASKED_TENSOR,
+    SELF_MASK_SEED,
+    Advertisement,
+    EncryptedShares,
+    RevealedShare,
+    graph_seed,
+    neighbour_graph,
+    quant_params,
+)
 
 _LOGGER = logging.getLogger(__name__)
-
-MASKED_TENSOR = "masked"
-SELF_MASK_SEED = "self_mask_seed"
-MASK_KEY = "mask_key"
-
-
-def quant_params(cfg: Config) -> quant.QuantParams:
-    """The federation's quantisation parameters after the bit-budget check (maybe widened).
-
-    Raises:
-        ConfigError: the budget does not fit even 2^64 (states needed vs available bits).
-    """
-    sa = cfg.secagg
-    return quant.check_budget(quant.QuantParams(clip=sa.clip, bits=sa.bits,
-                                                modulus_bits=sa.modulus_bits,
-                                                max_sites=cfg.federation.sites,
-                                                max_weight=sa.max_weight), widen=True)
-
-
-def graph_seed(federation: str, round: int) -> bytes:
-    """Public seed of round ``round``'s SecAgg+ neighbour graph: SHA-256 of federation ‖ round.
-
-    Derived, not chosen, so every site can check the graph the aggregator announces.
-    """
-    return hashlib.sha256(b"fedbrats/v1/graph-seed\x00" + federation.encode() + b"\x00"
-                          + round.to_bytes(8, "big")).digest()
-
-
-def neighbour_graph(cfg: Config, round: int, sites: list[str] | tuple[str, ...]) -> dict[str, frozenset[str]]:
-    """Each site's neighbours among ``sites`` (complete graph unless ``secagg.neighbours``)."""
-    sites = sorted(sites)
-    k = cfg.secagg.neighbours
-    if k == 0 or k >= len(sites) - 1:
-        return {s: frozenset(t for t in sites if t != s) for s in sites}
-    return secagg.neighbours(sites, k=k, seed=graph_seed(cfg.federation.name, round))
-
-
-@dataclass(frozen=True)
-class Advertisement:
-    """A site's signed round keys (raw X25519 public keys, Ed25519 signature)."""
-
-    site: str
-    mask_public: bytes
-    share_public: bytes
-    signature: bytes
-
-
-@dataclass(frozen=True)
-class EncryptedShares:
-    sender: str
-    recipient: str
-    nonce: bytes
-    ciphertext: bytes
-
-
-@dataclass(frozen=True)
-class RevealedShare:
-    owner: str
-    kind: str  # SELF_MASK_SEED or MASK_KEY
-    x: int
-    share: bytes
-
 
 @dataclass
 class MaskedRound:
@@ -309,7 +257,3 @@ class MaskedFedAvg:
         mean, _ = self.current.unmask()
         return {k: (self._global[k].astype(np.float64) + mean[k]).astype(self._global[k].dtype)
                 for k in self._global}
-
-
-__all__ = ["MaskedRound", "MaskedFedAvg", "Advertisement", "EncryptedShares", "RevealedShare",
-           "quant_params", "neighbour_graph", "graph_seed", "FedbratsError"]

@@ -40,7 +40,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from aggregator import state as sm
 from aggregator import secagg as sa
 from aggregator.aggregate import UpdateRejected, make_secure_sum
-from fedbrats import wire
+from fedbrats import masking, wire
 from fedbrats.config import Config, secagg_threshold
 from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted, WireError
 
@@ -441,7 +441,7 @@ class AggregatorCore:
                                 f"{s.round})")
         return rnd
 
-    def advertise_keys(self, env: wire.Envelope, adv: sa.Advertisement) -> None:
+    def advertise_keys(self, env: wire.Envelope, adv: masking.Advertisement) -> None:
         with self._cond:
             rnd = self._masked_stage(env, "advertise_keys")
             if adv.site != env.site_id:
@@ -456,9 +456,9 @@ class AggregatorCore:
         with self._cond:
             rnd = self._masked_after(env, "advertise_keys")
             adverts, neighbours = rnd.keys_for(env.site_id)
-            return adverts, neighbours, rnd.threshold, sa.graph_seed(self.federation_id, rnd.round)
+            return adverts, neighbours, rnd.threshold, masking.graph_seed(self.federation_id, rnd.round)
 
-    def share_keys(self, env: wire.Envelope, bundles: list[sa.EncryptedShares]) -> None:
+    def share_keys(self, env: wire.Envelope, bundles: list[masking.EncryptedShares]) -> None:
         with self._cond:
             rnd = self._masked_stage(env, "share_keys")
             if env.site_id in self._state.submitted:
@@ -479,7 +479,7 @@ class AggregatorCore:
                                     f"did not arrive in time; it takes no part in unmasking")
             return rnd.survivors()
 
-    def unmask(self, env: wire.Envelope, shares: list[sa.RevealedShare]) -> None:
+    def unmask(self, env: wire.Envelope, shares: list[masking.RevealedShare]) -> None:
         with self._cond:
             rnd = self._masked_stage(env, "unmask")
             if env.site_id in self._state.submitted:
@@ -595,7 +595,7 @@ class Servicer(wire.AggregatorServicer):
             return wire.submit_response(self.core.submit_update(header, request_iterator))
 
     def AdvertiseKeys(self, request, context):
-        env, adv = wire.decode_advertise_keys_request(request, sa.Advertisement)
+        env, adv = wire.decode_advertise_keys_request(request, masking.Advertisement)
         with self._errors(context, f"key advertisement from {env.site_id!r}"):
             self._authorize(context, env)
             self.core.advertise_keys(env, adv)
@@ -608,7 +608,7 @@ class Servicer(wire.AggregatorServicer):
             return wire.get_keys_response(*self.core.get_keys(env))
 
     def ShareKeys(self, request, context):
-        env, bundles = wire.decode_share_keys_request(request, sa.EncryptedShares)
+        env, bundles = wire.decode_share_keys_request(request, masking.EncryptedShares)
         with self._errors(context, f"shares from {env.site_id!r}"):
             self._authorize(context, env)
             self.core.share_keys(env, bundles)
@@ -628,7 +628,7 @@ class Servicer(wire.AggregatorServicer):
 
     def Unmask(self, request, context):
         with self._errors(context, "unmask"):
-            env, shares = wire.decode_unmask_request(request, sa.RevealedShare)
+            env, shares = wire.decode_unmask_request(request, masking.RevealedShare)
             self._authorize(context, env)
             self.core.unmask(env, shares)
             return wire.ack("UnmaskResponse")

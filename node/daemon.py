@@ -274,7 +274,7 @@ class SiteSession:
                      self.site, task.round)
 
     def _on_share_keys(self, stub, task: wire.Task) -> None:
-        from aggregator.secagg import Advertisement
+        from fedbrats.masking import Advertisement
 
         r = task.round
         adverts, neighbours, threshold, seed = wire.decode_get_keys_response(self._call(
@@ -291,7 +291,7 @@ class SiteSession:
     def _on_update(self, stub, task: wire.Task) -> None:
         r = task.round
         if self.mode == "mask":
-            from aggregator.secagg import EncryptedShares
+            from fedbrats.masking import EncryptedShares
 
             bundles, senders = wire.decode_get_shares_response(self._call(
                 "get shares", stub.GetShares, wire.get_shares_request(self._env(r, task.stage)),

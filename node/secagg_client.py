@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aggregator.secagg import (
+from fedbrats.masking import (
     MASK_KEY,
     MASKED_TENSOR,
     SELF_MASK_SEED,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from aggregator.secagg import MASKED_TENSOR, quant_params
+from fedbrats.masking import MASKED_TENSOR, quant_params
 from aggregator.server import AggregatorCore, run_server, server_credentials
 from crypto.quantize import QuantParams, check_budget
 from fedbrats.config import load_config, with_overrides
