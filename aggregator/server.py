@@ -41,6 +41,7 @@ from aggregator import state as sm
 from aggregator import secagg as sa
 from aggregator.aggregate import UpdateRejected, make_secure_sum
 from fedbrats import masking, wire
+from fedbrats.transport import INSECURE_WARNING, grpc_options
 from fedbrats.config import Config, secagg_threshold
 from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted, WireError
 
@@ -62,25 +63,6 @@ class NotAuthorized(FedbratsError):
 
 class Unauthenticated(FedbratsError):
     """The peer presented no client certificate."""
-
-
-def grpc_options(max_message_mb: int) -> list[tuple[str, int]]:
-    """Channel/server options shared by both ends: message limits and keepalive.
-
-    Keepalive pings every 60 s with pings allowed without active calls, so an idle connection
-    (a node training silently for an hour) is neither dropped by middleboxes nor refused by the
-    server's ping policy.
-    """
-    limit = max_message_mb * 1024 * 1024
-    return [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
-    ]
 
 
 @dataclass
@@ -700,10 +682,6 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(read_pem(t.key, "tls.key"), read_pem(t.cert, "tls.cert"))],
         root_certificates=read_pem(t.ca_cert, "tls.ca_cert"), require_client_auth=True)
-
-
-INSECURE_WARNING = ("WARNING: --insecure: plaintext gRPC without authentication; anyone on the "
-                    "network can read updates and impersonate sites. Local debugging only.")
 
 
 def initial_global_model(cfg: Config) -> dict[str, np.ndarray]:

@@ -53,7 +53,7 @@ def cmd_data_synth(args) -> int:
 
 def _warn_insecure(args) -> None:
     if getattr(args, "insecure", False):
-        from aggregator.server import INSECURE_WARNING
+        from fedbrats.transport import INSECURE_WARNING
 
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
 

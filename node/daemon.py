@@ -27,7 +27,7 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from aggregator.server import grpc_options
+from fedbrats.transport import grpc_options
 from fedbrats import wire
 from fedbrats.config import Config
 from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted
@@ -435,7 +435,7 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
     if not cfg.node.site_id:
         raise FedbratsError("node.site_id is empty: say which site this node is")
     if insecure:
-        from aggregator.server import INSECURE_WARNING
+        from fedbrats.transport import INSECURE_WARNING
 
         _LOGGER.warning(INSECURE_WARNING)
     else:
