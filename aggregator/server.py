@@ -9,7 +9,7 @@ error                  gRPC status
 ProtocolError          FAILED_PRECONDITION (wrong federation, stale round, stage)
 Unauthenticated        UNAUTHENTICATED (no client certificate)
 NotAuthorized          PERMISSION_DENIED (certificate names another site, or revoked)
-UnknownSite            PERMISSION_DENIED
+UnknownSite            NOT_FOUND (the site has not joined: it should join again)
 UpdateRejected         INVALID_ARGUMENT (names site and tensor)
 WireError              DATA_LOSS (chunk order, size or SHA-256)
 =====================  =========================================================
@@ -53,6 +53,9 @@ MAX_WAIT_MS = 30_000
 LINGER_S = 15.0
 
 
+RESUME_FILE = "resume.json"
+
+
 class UnknownSite(FedbratsError):
     """A request names a site that has not joined this federation."""
 
@@ -80,12 +83,14 @@ class AggregatorCore:
         cfg: the aggregator's configuration.
         initial_model: name -> float32 array, the round-1 global model.
         clock: monotonic time source in seconds (injected for tests).
+        completed_round: resume after this many completed rounds (``initial_model`` is then
+            that round's checkpoint; see :func:`load_resume_point`).
         save_model: ``save_model(path, tensors, round)`` writes a checkpoint; default writes a
             ``fedbrats-model/1`` file with :func:`node.model.save_model_file`.
     """
 
     def __init__(self, cfg: Config, initial_model: dict[str, np.ndarray], *,
-                 clock=time.monotonic, save_model=None) -> None:
+                 clock=time.monotonic, save_model=None, completed_round: int = 0) -> None:
         fed, ag = cfg.federation, cfg.aggregator
         self.cfg = cfg
         self.federation_id = fed.name
@@ -103,7 +108,10 @@ class AggregatorCore:
         self.out_dir = Path(ag.out_dir).expanduser()
         (self.out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._cond = threading.Condition()
-        self._state = sm.initial_state(self.params, clock())
+        if completed_round >= fed.rounds:
+            raise FedbratsError(f"aggregator: federation {fed.name!r} already completed its "
+                                f"{fed.rounds} round(s) in {self.out_dir}; use a new out_dir")
+        self._state = sm.initial_state(self.params, clock(), completed_round=completed_round)
         self._sites: dict[str, _Site] = {}
         self._sum = (sa.MaskedFedAvg(cfg) if fed.secure_aggregation == "mask"
                      else make_secure_sum(fed.secure_aggregation))
@@ -232,7 +240,15 @@ class AggregatorCore:
                         round=rnd, federation=self.federation_id)
 
     def _checkpoint(self, rnd: int) -> None:
-        self._save_model(self.out_dir / "checkpoints" / f"round-{rnd:04d}.pt", self._global, rnd)
+        path = self.out_dir / "checkpoints" / f"round-{rnd:04d}.pt"
+        self._save_model(path, self._global, rnd)
+        # The resume point: written after the checkpoint, atomically, so a crash at any moment
+        # leaves either the previous or this complete round to resume from.
+        rec = {"federation": self.federation_id, "completed_round": rnd,
+               "checkpoint": path.name, "sha256": self._global_payload.info.sha256.hex()}
+        tmp = self.out_dir / "resume.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.out_dir / RESUME_FILE)
 
     def _save_final(self) -> None:
         self._save_model(self.out_dir / "final_model.pt", self._global,
@@ -385,9 +401,10 @@ class AggregatorCore:
             self._received(env.site_id, stage, tensors)
             self._sum.add(env.site_id, header.metadata.num_samples, tensors)
             self._round_loss[env.site_id] = header.metadata.train_loss
-            _LOGGER.info("round %d stage training: update from site %s accepted (%d bytes, "
-                         "weight %d, loss %.4f)", env.round, env.site_id,
-                         payload.info.total_bytes, header.metadata.num_samples,
+            _LOGGER.info("round %d stage %s: update from site %s accepted (%d bytes, %s, "
+                         "loss %.4f)", env.round, stage, env.site_id, payload.info.total_bytes,
+                         "weight masked" if self.mode == "mask"
+                         else f"weight {header.metadata.num_samples}",
                          header.metadata.train_loss)
             self._apply(sm.Submitted(env.site_id, env.round, sm.Stage(stage), self.clock()))
             return wire.SubmitReply(True, False, "accepted")
@@ -531,7 +548,10 @@ class Servicer(wire.AggregatorServicer):
         except Unauthenticated as exc:
             _LOGGER.warning("%s refused: %s", what, exc)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except (UnknownSite, NotAuthorized) as exc:
+        except UnknownSite as exc:
+            _LOGGER.warning("%s refused: %s", what, exc)
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except NotAuthorized as exc:
             _LOGGER.warning("%s refused: %s", what, exc)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except UpdateRejected as exc:
@@ -684,6 +704,38 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials:
         root_certificates=read_pem(t.ca_cert, "tls.ca_cert"), require_client_auth=True)
 
 
+def load_resume_point(cfg: Config) -> tuple[dict[str, np.ndarray], int] | None:
+    """The last complete round's global model from ``out_dir/resume.json``, hash-verified.
+
+    Returns:
+        ``(model, completed_round)``, or None when ``out_dir`` holds no resume point.
+
+    Raises:
+        FedbratsError: the resume point belongs to another federation, or its checkpoint is
+            missing or does not match the recorded SHA-256 (names the file).
+    """
+    from node.model import read_model_file
+
+    out = Path(cfg.aggregator.out_dir).expanduser()
+    rp = out / RESUME_FILE
+    if not rp.exists():
+        return None
+    try:
+        rec = json.loads(rp.read_text(encoding="utf-8"))
+        ckpt, rnd, sha = out / "checkpoints" / rec["checkpoint"], int(rec["completed_round"]), rec["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FedbratsError(f"aggregator: {rp} is unreadable ({exc}); move it away to start "
+                            f"afresh") from None
+    if rec.get("federation") != cfg.federation.name:
+        raise FedbratsError(f"aggregator: {rp} belongs to federation {rec.get('federation')!r}, "
+                            f"not {cfg.federation.name!r}; use another aggregator.out_dir")
+    state, _meta = read_model_file(ckpt)
+    if wire.payload_sha256(state).hex() != sha:
+        raise FedbratsError(f"aggregator: checkpoint {ckpt} does not match the SHA-256 recorded "
+                            f"in {rp}; refusing to resume from it")
+    return state, rnd
+
+
 def initial_global_model(cfg: Config) -> dict[str, np.ndarray]:
     """Round-1 global model: the configured SegResNet initialised from ``federation.seed``."""
     import torch
@@ -712,9 +764,15 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
         _LOGGER.warning(INSECURE_WARNING)
     else:
         creds = server_credentials(cfg)
-    model = initial_global_model(cfg)
+    resume = load_resume_point(cfg)
+    if resume is not None:
+        model, completed = resume
+        _LOGGER.warning("aggregator: resuming federation %s after round %d from its verified "
+                        "checkpoint; sites must join again", cfg.federation.name, completed)
+    else:
+        model, completed = initial_global_model(cfg), 0
     n_params = sum(int(v.size) for v in model.values())
-    core = AggregatorCore(cfg, model)
+    core = AggregatorCore(cfg, model, completed_round=completed)
     ag = cfg.aggregator
     with run_server(core, ag.host, ag.port, ag.max_message_mb, creds) as port:
         port_file = core.out_dir / "aggregator.port"

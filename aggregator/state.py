@@ -208,9 +208,15 @@ class Finished:
 Effect = StartRound | AggregateRound | UnmaskRound | Finished
 
 
-def initial_state(params: Params, now: float) -> RoundState:
-    """The state of a federation that has just started at ``now``."""
-    return RoundState(params=params, started_at=now, stage_started_at=now)
+def initial_state(params: Params, now: float, *, completed_round: int = 0) -> RoundState:
+    """The state of a federation that starts (or, after a crash, resumes) at ``now``.
+
+    Args:
+        completed_round: rounds already completed and checkpointed; the first round to run is
+            the next one.  Sites must join again.
+    """
+    return RoundState(params=params, started_at=now, stage_started_at=now, round=completed_round,
+                      completed_round=completed_round)
 
 
 def advance(state: RoundState, event: Event) -> tuple[RoundState, list[Effect]]:
@@ -288,7 +294,7 @@ def _on_join(state: RoundState, ev: SiteJoined) -> tuple[RoundState, list[Effect
     s = replace(state, joined=tuple(sorted((*state.joined, ev.site))),
                 first_join_at=state.first_join_at if state.first_join_at is not None else ev.now)
     if s.stage is Stage.JOINING and len(s.joined) >= s.params.expected_sites:
-        return _start_round(s, 1, ev.now)
+        return _start_round(s, s.completed_round + 1, ev.now)
     return s, []
 
 
@@ -334,7 +340,7 @@ def _on_tick(state: RoundState, now: float) -> tuple[RoundState, list[Effect]]:
         n = len(state.joined)
         if n >= p.min_sites and state.first_join_at is not None:
             if now - state.first_join_at >= p.join_timeout_s:
-                return _start_round(state, 1, now)
+                return _start_round(state, state.completed_round + 1, now)
         elif state.started_at is not None and now - state.started_at >= p.join_timeout_s:
             return _fail(state, f"only {n} of the {p.min_sites} sites needed joined within "
                                 f"{p.join_timeout_s:g} s")

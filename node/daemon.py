@@ -42,6 +42,14 @@ RPC_TIMEOUT_S = 60.0
 STREAM_TIMEOUT_S = 600.0
 
 
+class OutOfStep(ProtocolError):
+    """The aggregator refused a request as stale or for the wrong stage: resynchronise."""
+
+
+class NotJoined(ProtocolError):
+    """The aggregator does not know this site (e.g. it restarted): join again."""
+
+
 class AggregatorUnreachable(FedbratsError):
     """The aggregator could not be reached within ``node.connect_timeout_s``."""
 
@@ -206,8 +214,10 @@ class SiteSession:
                         f"site {self.site}: {what}: aggregator {self.cfg.node.aggregator} "
                         f"unreachable for {self.cfg.node.connect_timeout_s:g} s ({code.name})"
                     ) from None
-                raise ProtocolError(f"site {self.site}: {what} refused by the aggregator: "
-                                    f"{code.name}: {exc.details()}") from None
+                cls = {grpc.StatusCode.FAILED_PRECONDITION: OutOfStep,
+                       grpc.StatusCode.NOT_FOUND: NotJoined}.get(code, ProtocolError)
+                raise cls(f"site {self.site}: {what} refused by the aggregator: "
+                          f"{code.name}: {exc.details()}") from None
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -218,22 +228,33 @@ class SiteSession:
         if self.mode == "mask" and info.num_train_samples > self.cfg.secagg.max_weight:
             raise FedbratsError(f"site {self.site}: {info.num_train_samples} training cases "
                                 f"exceed secagg.max_weight = {self.cfg.secagg.max_weight}")
-        reply = wire.decode_join_response(self._call(
-            "join", stub.Join, wire.join_request(self._env(stage="joining"), info),
-            timeout=RPC_TIMEOUT_S))
-        _LOGGER.info("site %s joined federation %s: %d round(s), %d site(s) expected, secure "
-                     "aggregation %s", self.site, self.cfg.federation.name, reply.total_rounds,
-                     reply.expected_sites, self.mode)
+
+        def join() -> None:
+            reply = wire.decode_join_response(self._call(
+                "join", stub.Join, wire.join_request(self._env(stage="joining"), info),
+                timeout=RPC_TIMEOUT_S))
+            _LOGGER.info("site %s joined federation %s: %d round(s), %d site(s) expected, "
+                         "secure aggregation %s", self.site, self.cfg.federation.name,
+                         reply.total_rounds, reply.expected_sites, self.mode)
+
+        join()
+        out_of_step = 0
         handlers = {
             "training": self._on_update, "masked_input": self._on_update,
             "advertise_keys": self._on_advertise, "share_keys": self._on_share_keys,
             "unmask": self._on_unmask, "result": self._on_result,
         }
         while True:
-            task = wire.decode_task_response(self._call(
-                "get task", stub.GetTask,
-                wire.task_request(self._env(), self.last_completed, TASK_WAIT_MS),
-                timeout=TASK_WAIT_MS / 1000 + 30))
+            try:
+                task = wire.decode_task_response(self._call(
+                    "get task", stub.GetTask,
+                    wire.task_request(self._env(), self.last_completed, TASK_WAIT_MS),
+                    timeout=TASK_WAIT_MS / 1000 + 30))
+            except NotJoined:
+                _LOGGER.warning("site %s: the aggregator does not know this site (did it "
+                                "restart?); joining again", self.site)
+                join()
+                continue
             if task.stage == "done":
                 if task.failed:
                     _LOGGER.error("site %s: federation failed: %s", self.site, task.message)
@@ -248,7 +269,17 @@ class SiteSession:
                                     "(node.drop_at)", self.site, task.round, task.stage)
                     self.vanished = True
                     return 0
-                handlers[task.stage](stub, task)
+                try:
+                    handlers[task.stage](stub, task)
+                    out_of_step = 0
+                except (OutOfStep, NotJoined) as exc:
+                    # The round moved on (a deadline passed, or the aggregator restarted and
+                    # resumed from its last checkpoint): ask again what to do.  Round secrets
+                    # are never reused: a retried round starts with fresh keys.
+                    out_of_step += 1
+                    if out_of_step > 10:
+                        raise
+                    _LOGGER.warning("site %s: %s; resynchronising", self.site, exc)
 
     def _ensure_global(self, stub, task: wire.Task) -> None:
         r = task.round
@@ -317,8 +348,9 @@ class SiteSession:
             weight = upd.num_samples
         meta = wire.UpdateMetadata(weight, upd.steps, upd.loss, self.global_sha)
         reply = wire.decode_submit_response(self._call(
-            "submit update", stub.SubmitUpdate,
-            wire.update_stream(self._env(r, task.stage), meta, payload), timeout=STREAM_TIMEOUT_S))
+            "submit update", lambda: stub.SubmitUpdate(
+                wire.update_stream(self._env(r, task.stage), meta, payload),
+                timeout=STREAM_TIMEOUT_S)))
         _LOGGER.info("site %s: round %d stage %s: %s update submitted (%.1f MB, loss %.4f, "
                      "%.1f s)%s", self.site, r, task.stage, payload.info.scheme,
                      payload.info.total_bytes / 1e6, upd.loss, upd.seconds,

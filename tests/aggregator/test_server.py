@@ -138,7 +138,7 @@ def test_wrong_federation_unknown_site_stale_round_are_refused_by_name(served):
     assert "other-fed" in ei.value.details()
     with pytest.raises(grpc.RpcError) as ei:
         task(stub, "site-9")
-    assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED and "site-9" in ei.value.details()
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND and "site-9" in ei.value.details()
     join(stub, "site-1")
     join(stub, "site-2")
     t = task(stub, "site-1")
