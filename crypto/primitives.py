@@ -84,6 +84,9 @@ _PRG_CHUNK = 1 << 22
 #: 2^32 blocks of 64 bytes (256 GiB); we stop far below that.
 _PRG_MAX_BYTES = 1 << 36
 _ZERO_CHUNK = bytes(_PRG_CHUNK)
+#: Slice of keystream per seed in :func:`_prg_accumulate` (a multiple of the 64-byte ChaCha20
+#: block; small enough that the scratch and the output slice stay in cache).
+_PRG_SLICE_BYTES = 1 << 18
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,6 +316,46 @@ def prg_uint(seed: bytes, count: int, *, bits: int) -> np.ndarray:
         stop = min(start + _PRG_CHUNK, raw.size)
         encryptor.update_into(memoryview(_ZERO_CHUNK)[: stop - start], view[start:stop])
     return out  # the dtype is explicitly little-endian, so values are right on any host
+
+
+def _prg_accumulate(out: np.ndarray, terms: list[tuple[bytes, bool]], *, bits: int) -> None:
+    """In place: ``out += sum(-/+ prg_uint(seed, out.size, bits=bits)) mod 2**bits``.
+
+    ``terms`` is ``[(seed, subtract), ...]``.  Exactly the same words as :func:`prg_uint` (the
+    same ChaCha20 keystream of each seed, read in order), but no mask is ever materialised:
+    the keystreams are produced slice by slice into one cache-sized scratch buffer and added to
+    (or subtracted from) that slice of ``out`` while it is in cache, all seeds per slice.
+
+    Args:
+        out: 1-D C-contiguous native ``uint32``/``uint64`` array matching ``bits`` (modified).
+        terms: ``(32-byte seed, subtract)`` pairs.
+        bits: 32 or 64.
+    """
+    dtype = _uint_dtype(bits)
+    if out.ndim != 1 or out.dtype.itemsize != dtype.itemsize or out.dtype.kind != "u" or not out.flags.c_contiguous:
+        raise CryptoInputError(f"out must be a 1-D contiguous uint{bits} array")
+    count = _require_int("count", out.size, 0, (_PRG_MAX_BYTES // dtype.itemsize) + 1)
+    seeds = [(_require_bytes("seed", seed, KEY_BYTES), bool(subtract)) for seed, subtract in terms]
+    if not seeds or not count:
+        return
+    encryptors = [
+        (Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor(), subtract) for seed, subtract in seeds
+    ]
+    words = _PRG_SLICE_BYTES // dtype.itemsize
+    scratch = np.empty(min(words, count), dtype=dtype)
+    scratch_bytes = memoryview(scratch.view(np.uint8))
+    zeros = memoryview(_ZERO_CHUNK)
+    for start in range(0, count, words):
+        m = min(words, count - start)
+        nbytes = m * dtype.itemsize
+        part = out[start : start + m]
+        ks = scratch[:m]
+        for encryptor, subtract in encryptors:
+            encryptor.update_into(zeros[:nbytes], scratch_bytes[:nbytes])
+            if subtract:
+                np.subtract(part, ks, out=part)
+            else:
+                np.add(part, ks, out=part)
 
 
 def _uint_dtype(bits: int) -> np.dtype:

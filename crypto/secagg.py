@@ -44,6 +44,7 @@ from crypto.primitives import (
     KEY_BYTES,
     NONCE_BYTES,
     _require_bytes,
+    _prg_accumulate,
     _require_int,
     _require_text,
     _uint_dtype,
@@ -139,18 +140,24 @@ def pairwise_mask(
         site with the smaller id and subtracted by the other, so they cancel in the sum.
     """
     _require_text("own_id", own_id)
-    own = own_id
     total = np.zeros(_require_int("count", count, 0, 1 << 40), dtype=_native_uint(bits))
+    _prg_accumulate(total, _pairwise_terms(own_id, peers, round=round, federation=federation), bits=bits)
+    return total
+
+
+def _pairwise_terms(
+    own: str, peers: Mapping[str, bytes], *, round: int, federation: str
+) -> list[tuple[bytes, bool]]:
+    """``[(k_own,peer, subtract)]`` for :func:`~crypto.primitives._prg_accumulate`: a pair's mask
+    is added by the site with the smaller id and subtracted by the other."""
+    terms = []
     for peer, secret in peers.items():
         _require_text("peer id", peer)
         if peer == own:
             raise CryptoInputError("a site cannot mask with itself")
         key = derive_key(secret, purpose=PAIRWISE_PURPOSE, federation=federation, round=round, i=own, j=peer)
-        if own < peer:
-            total += prg_uint(key, count, bits=bits)
-        else:
-            total -= prg_uint(key, count, bits=bits)
-    return total
+        terms.append((key, not own < peer))
+    return terms
 
 
 def self_mask(seed32: bytes, count: int, bits: int) -> np.ndarray:
@@ -184,8 +191,12 @@ def mask_update(
     """
     y = _as_modular(q, bits)
     flat = y.reshape(-1)
-    flat += self_mask(self_seed, flat.size, bits)
-    flat += pairwise_mask(own_id, pairwise_keys, count=flat.size, bits=bits, round=round, federation=federation)
+    # y = q + PRG(b_u) + sum_j sign(u, j) PRG(k_uj) mod 2**bits, accumulated slice by slice (the
+    # same words as self_mask and pairwise_mask; addition mod 2**bits is order-free).
+    terms = [(_require_bytes("seed", self_seed, KEY_BYTES), False)]
+    _require_text("own_id", own_id)
+    terms += _pairwise_terms(own_id, pairwise_keys, round=round, federation=federation)
+    _prg_accumulate(flat, terms, bits=bits)
     return y
 
 
@@ -236,14 +247,13 @@ def unmask_sum(
             raise CryptoInputError(f"dropped_pairwise names {u!r} as a survivor, but it has no self seed")
         if v in survivors:
             raise CryptoInputError(f"site {v!r} is both a survivor and dropped; refusing to unmask")
-    for seed in survivors_self_seeds.values():
-        flat -= self_mask(seed, flat.size, bits)
+    # Subtract every PRG(b_u); undo each dangling pairwise mask (u added it if u < v, else
+    # subtracted it).  Accumulated slice by slice: the same words as self_mask / prg_uint.
+    terms = [(_require_bytes("seed", seed, KEY_BYTES), True) for seed in survivors_self_seeds.values()]
     for (u, v), secret in dropped_pairwise.items():
         key = derive_key(secret, purpose=PAIRWISE_PURPOSE, federation=federation, round=round, i=u, j=v)
-        if u < v:  # u added this mask
-            flat -= prg_uint(key, flat.size, bits=bits)
-        else:  # u subtracted it
-            flat += prg_uint(key, flat.size, bits=bits)
+        terms.append((key, u < v))
+    _prg_accumulate(flat, terms, bits=bits)
     return total
 
 

@@ -119,7 +119,7 @@ class TrainingConfig:
     local_steps: int = 30
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (48, 48, 48)
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     optimizer_restart: bool = False
     device: str = "auto"
     num_threads: int = 1

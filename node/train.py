@@ -11,29 +11,47 @@ The loss is the soft Dice loss of Myronenko 2018 (arXiv:1810.11654, eq. 1: squar
 denominators, sigmoid outputs, one term per region) as MONAI's :class:`~monai.losses.DiceLoss`
 ``(sigmoid=True, squared_pred=True, smooth_nr=0, smooth_dr=1e-5)``, computed over the whole
 batch (``batch=True``, see :func:`make_loss`).
+
+**DP-SGD** (Abadi et al., CCS 2016) when ``dp_cfg.mode`` contains ``"dp-sgd"``: every local step
+is one Poisson sample of the site's training cases (each case independently with probability
+q = batch_size / N, one random patch per selected case), per-sample gradients from Opacus
+(:func:`node.dp.wrap_for_dp`, model wrapped exactly once), each clipped to L2 ≤ C, summed, plus
+N(0, σ²C²), divided by the expected batch size, then Adam.  The loss is the *per-sample*
+decomposable :func:`make_dp_loss` (the batch Dice of :func:`make_loss` couples samples, which
+per-sample clipping cannot bound).  One :class:`node.accounting.SampleLevelAccountant` spans
+all rounds, optimiser restarts and node restarts (its JSON ledger is reloaded), and a round that
+would exceed ``dp_cfg.epsilon_budget`` is refused before it trains
+(:class:`node.accounting.PrivacyBudgetExceeded`).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from monai.utils import set_determinism
 
 from fedbrats.config import LABEL_CONVENTIONS, EvaluationConfig, TrainingConfig
 from fedbrats.errors import FedbratsError
 from node import data as node_data
+
+if TYPE_CHECKING:  # imported lazily at run time: the non-private path never loads Opacus
+    from fedbrats.config import DPConfig
+    from node.accounting import SampleLevelAccountant
+    from node.dp import MemoryEstimate
 
 CACHE_BUDGET_BYTES = 4 * 2**30
 """Most memory the training cache of one site may take; beyond it only a share is cached."""
@@ -83,6 +101,20 @@ def make_loss() -> torch.nn.Module:
     1e-2 plateaued near 0.6.
     """
     return DiceLoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5, batch=True)
+
+
+def make_dp_loss() -> torch.nn.Module:
+    """The DP-SGD training loss: a mean over samples of *per-sample* losses.
+
+    DP-SGD clips each sample's gradient, which bounds one case's influence only when the loss is
+    a sum (or mean) of per-sample terms; :func:`make_loss`'s batch Dice is not.  Here: soft Dice
+    per sample and region (``batch=False``, squared denominators, as Myronenko 2018) plus binary
+    cross-entropy on the logits; the cross-entropy keeps a gradient on patches without tumour,
+    whose per-sample Dice term is constant with ``smooth_nr=0``.  Inputs: logits and binary
+    regions ``(B, 3, X, Y, Z)``; output: scalar.
+    """
+    return DiceCELoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5, batch=False,
+                      reduction="mean")
 
 
 def _round_seed(seed: int, round_index: int) -> int:
@@ -143,9 +175,27 @@ class LocalTrainer:
         labels: label convention of the raw labels, ``2021`` or ``2023``.
         device: where to train.
         seed: site seed for data order and augmentation.
+        dp_cfg: :class:`fedbrats.config.DPConfig`; DP-SGD runs when its ``mode`` contains
+            ``"dp-sgd"`` (``noise_multiplier`` σ — or 0 to derive σ from ``target_epsilon`` over
+            ``planned_rounds × local_steps`` steps with Opacus' ``get_noise_multiplier`` —
+            ``max_grad_norm`` C, ``delta``, ``accountant``, ``epsilon_budget``).  None = no DP.
+        planned_rounds: rounds the federation plans (``federation.rounds``); needed only to derive σ.
+        privacy_state: the sample-level ledger file (e.g. ``<state_dir>/dp_sample.json``): loaded
+            at start when present (ε continues after a restart) and rewritten, atomically, when
+            each round is charged.  None = in memory only (use :meth:`save_state`).
+        site: site id, for messages and the ledger.
+        grad_sample_mode: ``auto`` (:func:`node.dp.choose_grad_sample_mode`), ``ew``, ``hooks``
+            or ``functorch``.
+        noise_seed: seed of the DP noise and Poisson sampling; None (default) = 256 bits from
+            ``os.urandom`` (they must be unpredictable; fix it only in tests).
+        check_memory: estimate DP-SGD memory before training and refuse if it does not fit.
 
     Raises:
-        FedbratsError: no training cases, a case without labels, or an unknown convention.
+        FedbratsError: no training cases, a case without labels, or an unknown convention; an
+            invalid DP field (named), batch size above the number of cases under DP-SGD.
+        node.dp.DPModelError: (DP-SGD) unsupported modules (listed) or a model already wrapped.
+        node.dp.DPMemoryError: (DP-SGD) needed memory exceeds free memory.
+        node.accounting.AccountantStateError: (DP-SGD) the privacy ledger is damaged.
     """
 
     def __init__(
@@ -156,6 +206,14 @@ class LocalTrainer:
         labels: str,
         device: torch.device | str,
         seed: int,
+        *,
+        dp_cfg: DPConfig | None = None,
+        planned_rounds: int | None = None,
+        privacy_state: str | os.PathLike | None = None,
+        site: str = "",
+        grad_sample_mode: str = "auto",
+        noise_seed: int | None = None,
+        check_memory: bool = True,
     ) -> None:
         if labels not in LABEL_CONVENTIONS:
             raise FedbratsError(f"labels: must be one of {LABEL_CONVENTIONS}, got {labels!r}")
@@ -197,6 +255,91 @@ class LocalTrainer:
         )
         self.loss_fn = make_loss()
         self.optimizer: torch.optim.Optimizer | None = None
+        self.site = str(site)
+        self._dp: _DPState | None = None
+        if dp_cfg is not None and "dp-sgd" in tuple(dp_cfg.mode):
+            self._dp = _setup_dp(self, dp_cfg, planned_rounds, privacy_state, grad_sample_mode,
+                                 noise_seed, check_memory)
+
+    # -- differential privacy ------------------------------------------------------------------
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether this trainer runs DP-SGD."""
+        return self._dp is not None
+
+    @property
+    def accountant(self) -> SampleLevelAccountant | None:
+        """The sample-level accountant spanning all rounds (None without DP-SGD)."""
+        return None if self._dp is None else self._dp.accountant
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        """DP-SGD noise multiplier σ in use (None without DP-SGD)."""
+        return None if self._dp is None else self._dp.sigma
+
+    @property
+    def sample_rate(self) -> float | None:
+        """Poisson sampling rate q = batch_size / training cases (None without DP-SGD)."""
+        return None if self._dp is None else self._dp.q
+
+    @property
+    def grad_sample_mode(self) -> str | None:
+        """Opacus per-sample gradient mode in use (None without DP-SGD)."""
+        return None if self._dp is None else self._dp.mode
+
+    @property
+    def memory_estimate(self) -> MemoryEstimate | None:
+        """The DP-SGD memory estimate made before training (None without DP-SGD / check)."""
+        return None if self._dp is None else self._dp.memory
+
+    def privacy_spent(self) -> tuple[float, float]:
+        """Sample-level ``(epsilon, delta)`` spent so far over all rounds.
+
+        Without DP-SGD there is no guarantee: ``(inf, 0.0)``.
+        """
+        if self._dp is None:
+            return math.inf, 0.0
+        return self._dp.accountant.epsilon(self._dp.delta), self._dp.delta
+
+    def would_be_epsilon(self, extra_rounds: int = 1) -> float:
+        """ε after ``extra_rounds`` more rounds of ``training.local_steps`` steps (uncharged)."""
+        if self._dp is None:
+            return math.inf
+        return self._dp.accountant.would_be_epsilon(
+            int(extra_rounds) * self.training.local_steps, self._dp.delta,
+            noise_multiplier=self._dp.sigma, sample_rate=self._dp.q)
+
+    def save_state(self, path: str | os.PathLike | None = None) -> None:
+        """Write the accountant's ledger (JSON, atomic) to ``path`` (default: ``privacy_state``).
+
+        Raises:
+            FedbratsError: DP-SGD is off, or no path given and none configured.
+        """
+        dp = self._require_dp("save_state")
+        target = path if path is not None else dp.state_path
+        if target is None:
+            raise FedbratsError(f"site {self.site or '?'}: save_state: no path given and no privacy_state configured")
+        dp.accountant.save(target)
+
+    def load_state(self, path: str | os.PathLike | None = None) -> None:
+        """Replace the accountant with the ledger at ``path`` (default: ``privacy_state``), so ε
+        continues from what was spent before a restart.
+
+        Raises:
+            FedbratsError: DP-SGD is off or no path; FileNotFoundError: no such file;
+            AccountantStateError: the ledger is damaged.
+        """
+        dp = self._require_dp("load_state")
+        source = path if path is not None else dp.state_path
+        if source is None:
+            raise FedbratsError(f"site {self.site or '?'}: load_state: no path given and no privacy_state configured")
+        dp.accountant.load(source)
+
+    def _require_dp(self, what: str) -> _DPState:
+        if self._dp is None:
+            raise FedbratsError(f"site {self.site or '?'}: {what}: DP-SGD is not enabled (dp.mode lacks 'dp-sgd')")
+        return self._dp
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.parameters(), lr=self.training.learning_rate)
@@ -222,7 +365,11 @@ class LocalTrainer:
 
         Raises:
             FedbratsError: the loss became NaN or infinite (names round and step).
+            PrivacyBudgetExceeded: (DP-SGD) the round would take ε above ``dp.epsilon_budget``;
+                nothing was trained or charged.
         """
+        if self._dp is not None:
+            return self._train_round_dp(round_index, on_step)
         start = time.perf_counter()
         rs = _round_seed(self.seed, round_index)
         if hasattr(self._transform, "set_random_state"):
@@ -256,6 +403,196 @@ class LocalTrainer:
             num_samples=self.num_samples,
             seconds=time.perf_counter() - start,
         )
+
+    def _new_dp_optimizer(self) -> torch.optim.Optimizer:
+        from opacus.optimizers import DPOptimizer
+
+        dp = self._require_dp("optimizer")
+        base = torch.optim.Adam(self.model.parameters(), lr=self.training.learning_rate)
+        opt = DPOptimizer(base, noise_multiplier=dp.sigma, max_grad_norm=dp.max_grad_norm,
+                          expected_batch_size=self.training.batch_size, loss_reduction="mean",
+                          generator=dp.noise_generator)
+
+        def count(_opt: Any) -> None:
+            dp.steps_taken += 1
+
+        opt.attach_step_hook(count)
+        return opt
+
+    def _train_round_dp(self, round_index: int, on_step: Callable[[int, float], None] | None) -> TrainResult:
+        """One DP-SGD round: budget check, up-front charge, ``local_steps`` Poisson-sampled steps.
+
+        The whole round is charged (and the ledger saved) *before* training: a crash mid-round
+        over-counts ε (safe) and never under-counts it.  A Poisson batch larger than
+        ``training.batch_size`` is processed in chunks of that size (per-sample gradients are
+        clipped and accumulated, one noisy step); an empty batch still takes a step of pure
+        noise, as the analysis assumes.  ``on_step`` gets NaN as the loss of an empty batch.
+        """
+        from node.accounting import PrivacyBudgetExceeded
+
+        dp = self._require_dp("train_round")
+        start = time.perf_counter()
+        steps = int(self.training.local_steps)
+        spent = dp.accountant.epsilon(dp.delta)
+        would = dp.accountant.would_be_epsilon(steps, dp.delta, noise_multiplier=dp.sigma, sample_rate=dp.q)
+        if dp.budget > 0 and would > dp.budget:
+            raise PrivacyBudgetExceeded(site=self.site, round=round_index, spent=spent, would_be=would,
+                                        budget=dp.budget, delta=dp.delta, mechanism="sample-level")
+        dp.accountant.step(dp.sigma, dp.q, steps)
+        dp.accountant.record_round(round_index, steps=steps, noise_multiplier=dp.sigma, sample_rate=dp.q,
+                                   epsilon=would, delta=dp.delta)
+        if dp.state_path is not None:
+            dp.accountant.save(dp.state_path)
+
+        rs = _round_seed(self.seed, round_index)
+        if hasattr(self._transform, "set_random_state"):
+            self._transform.set_random_state(seed=rs)
+        if self.optimizer is None or self.training.optimizer_restart:
+            self.optimizer = self._new_dp_optimizer()
+        opt = self.optimizer
+        self.model.train()
+        n, chunk_size = self.num_samples, max(1, int(self.training.batch_size))
+        losses: list[float] = []
+        for step in range(1, steps + 1):
+            picked = np.flatnonzero(dp.rng.random(n) < dp.q)
+            opt.zero_grad(set_to_none=True)
+            if picked.size == 0:
+                for p in dp.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                opt.step()
+                value = math.nan
+            else:
+                chunks = [picked[i:i + chunk_size] for i in range(0, picked.size, chunk_size)]
+                total = 0.0
+                for k, chunk in enumerate(chunks):
+                    batch = _collate_image_label([self._dataset[int(i)] for i in chunk])
+                    image = batch["image"].to(self.device, torch.float32, non_blocking=True)
+                    target = batch["label"].to(self.device, torch.float32, non_blocking=True)
+                    loss = dp.loss_fn(dp.module(image), target)
+                    v = float(loss.detach())
+                    if not math.isfinite(v):
+                        raise FedbratsError(
+                            f"site {self.site or '?'}: round {round_index}, step {step}: training loss is {v}; "
+                            f"lower training.learning_rate (now {self.training.learning_rate})"
+                        )
+                    loss.backward()
+                    total += v * len(chunk)
+                    if k < len(chunks) - 1:  # clip and accumulate this chunk; one noisy step at the end
+                        opt.signal_skip_step(do_skip=True)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                opt.step()
+                value = total / picked.size
+                losses.append(value)
+            if on_step is not None:
+                on_step(step, value)
+        return TrainResult(
+            steps=steps,
+            mean_loss=float(np.mean(losses)) if losses else math.nan,
+            num_samples=self.num_samples,
+            seconds=time.perf_counter() - start,
+        )
+
+
+@dataclass
+class _DPState:
+    """DP-SGD state of one trainer (see :func:`_setup_dp`)."""
+
+    module: torch.nn.Module
+    mode: str
+    params: list[torch.nn.Parameter]
+    sigma: float
+    q: float
+    max_grad_norm: float
+    delta: float
+    budget: float
+    accountant: Any
+    state_path: Path | None
+    rng: np.random.Generator
+    noise_generator: torch.Generator
+    loss_fn: torch.nn.Module
+    memory: Any
+    steps_taken: int = 0
+
+
+def _dp_number(name: str, value: Any, *, low: float, low_open: bool, high: float | None = None,
+               high_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+    v = float(value) if ok else math.nan
+    bad = not ok or (v <= low if low_open else v < low) or (high is not None and (v >= high if high_open else v > high))
+    if bad:
+        lo = f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f" and {'<' if high_open else '<='} {high:g}"
+        raise FedbratsError(f"dp.{name}: must be a finite number {lo}{hi}, got {value!r}")
+    return v
+
+
+def _setup_dp(trainer: LocalTrainer, dp_cfg: DPConfig, planned_rounds: int | None,
+              privacy_state: str | os.PathLike | None, grad_sample_mode: str, noise_seed: int | None,
+              check_memory: bool) -> _DPState:
+    """Validate the DP config, check and wrap the model once, build or restore the accountant."""
+    from node import dp as node_dp
+    from node.accounting import ACCOUNTANT_MECHANISMS, SampleLevelAccountant
+
+    where = f"site {trainer.site}: " if trainer.site else ""
+    C = _dp_number("max_grad_norm", dp_cfg.max_grad_norm, low=0, low_open=True)
+    delta = _dp_number("delta", dp_cfg.delta, low=0, low_open=True, high=1)
+    budget = _dp_number("epsilon_budget", dp_cfg.epsilon_budget, low=0, low_open=False)
+    sigma = _dp_number("noise_multiplier", dp_cfg.noise_multiplier, low=0, low_open=False)
+    if dp_cfg.accountant not in ACCOUNTANT_MECHANISMS:
+        raise FedbratsError(f"dp.accountant: must be one of {ACCOUNTANT_MECHANISMS}, got {dp_cfg.accountant!r}")
+    B, N, steps = int(trainer.training.batch_size), trainer.num_samples, int(trainer.training.local_steps)
+    if B > N:
+        raise FedbratsError(f"{where}DP-SGD samples each case with probability q = batch_size / cases; "
+                            f"training.batch_size = {B} exceeds the site's {N} training case(s)")
+    q = B / N
+    if sigma == 0:
+        target = _dp_number("target_epsilon", dp_cfg.target_epsilon, low=0, low_open=True)
+        if not isinstance(planned_rounds, int) or isinstance(planned_rounds, bool) or planned_rounds < 1:
+            raise FedbratsError(f"{where}dp.noise_multiplier = 0 derives σ from dp.target_epsilon over the "
+                                f"planned rounds; pass planned_rounds (federation.rounds), got {planned_rounds!r}")
+        from opacus.accountants.utils import get_noise_multiplier
+
+        try:
+            sigma = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                               steps=planned_rounds * steps, accountant=dp_cfg.accountant))
+        except ValueError as exc:
+            raise FedbratsError(f"{where}dp.target_epsilon = {target:g} is unreachable for q = {q:.4g} over "
+                                f"{planned_rounds * steps} steps (δ = {delta:g}): {exc}") from exc
+    if grad_sample_mode not in node_dp.GRAD_SAMPLE_MODES:
+        raise FedbratsError(f"grad_sample_mode: must be one of {node_dp.GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+
+    model = trainer.model
+    if node_dp.is_dp_wrapped(model):
+        raise node_dp.DPModelError(f"{where}the model is already wrapped for DP-SGD by another trainer; "
+                                   f"a model is never wrapped twice (reuse that LocalTrainer)")
+    mode = node_dp.choose_grad_sample_mode(model) if grad_sample_mode == "auto" else grad_sample_mode
+    if mode != "ew":
+        node_dp.make_dp_compatible(model)  # in place: same weights and names
+    problems = node_dp.validate_model_for_dp(model, mode)
+    if problems:
+        raise node_dp.DPModelError(f"{where}the model cannot be trained with DP-SGD (grad_sample_mode={mode!r}): "
+                                   f"{len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    memory = None
+    if check_memory:
+        memory = node_dp.check_dp_memory(model, B, tuple(trainer.training.patch_size), trainer.device,
+                                         site=trainer.site)
+    module = node_dp.wrap_for_dp(model, mode)
+
+    params = {"max_grad_norm": C, "batch_size": B, "num_cases": N, "local_steps": steps,
+              "noise_multiplier": sigma, "sample_rate": q, "grad_sample_mode": mode}
+    accountant = SampleLevelAccountant(dp_cfg.accountant, site=trainer.site, delta=delta, budget=budget,
+                                       params=params)
+    state_path = Path(privacy_state) if privacy_state else None
+    if state_path is not None and state_path.exists():
+        accountant.load(state_path)
+    secret = int(noise_seed) if noise_seed is not None else int.from_bytes(os.urandom(32), "big")
+    rng = np.random.Generator(np.random.PCG64(secret))
+    gen = torch.Generator(device=trainer.device)
+    gen.manual_seed(int(np.random.SeedSequence(secret).generate_state(1, np.uint64)[0] >> 1))
+    return _DPState(module=module, mode=mode, params=[p for p in model.parameters() if p.requires_grad],
+                    sigma=sigma, q=q, max_grad_norm=C, delta=delta, budget=budget, accountant=accountant,
+                    state_path=state_path, rng=rng, noise_generator=gen, loss_fn=make_dp_loss(), memory=memory)
 
 
 # ---------------------------------------------------------------------------------------------
