@@ -264,14 +264,18 @@ def dequantize_sum(total: np.ndarray, *, params: QuantParams, total_weight: int)
     total = np.asarray(total)
     if total.dtype.kind != "u" or total.dtype.itemsize * 8 > 64:
         raise CryptoInputError(f"total must be an unsigned integer array, got dtype {total.dtype}")
-    t64 = total.astype(np.uint64)
-    if params.modulus_bits < 64 and t64.size and int(t64.max()) >> params.modulus_bits:
+    # Unsigned comparisons and the integer -> float64 conversion are exact whatever the input
+    # width, so no widened uint64 copy is made; the affine map is applied in place.
+    if params.modulus_bits < 64 and total.size and int(total.max()) >> params.modulus_bits:
         raise CryptoInputError(f"total has values >= 2^{params.modulus_bits}")
     bound = np.uint64(int(total_weight) * params.levels)
-    over = int(np.count_nonzero(t64 > bound))
+    over = int(np.count_nonzero(total > bound))
     if over:
         raise CryptoInputError(
-            f"{over} of {t64.size} coordinates of the sum exceed total_weight x (2^{params.bits} - 1): "
+            f"{over} of {total.size} coordinates of the sum exceed total_weight x (2^{params.bits} - 1): "
             "the masks did not cancel, a weight was misreported, or the sum is corrupt"
         )
-    return t64.astype(np.float64) * (params.step / int(total_weight)) - float(params.clip)
+    mean = total.astype(np.float64)
+    mean *= params.step / int(total_weight)
+    mean -= float(params.clip)
+    return mean
