@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/fedbrats simulate --config configs/demo.toml --out runs/demo
+	$(VENV)/bin/fedbrats simulate --config configs/demo.toml --out runs/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -142,8 +142,10 @@ class AggregatorCore:
         pending = [event]
         while pending:
             ev = pending.pop(0)
+            before = self._state
             self._state, effects = sm.advance(self._state, ev)
             self._sync_masked()
+            self._log_stage_change(before, self._state)
             for eff in effects:
                 follow = self._perform(eff)
                 if follow is not None:
@@ -159,6 +161,14 @@ class AggregatorCore:
         rnd.u1 = tuple(sets.get("advertise_keys", ()))
         rnd.u2 = tuple(sets.get("share_keys", ()))
         rnd.u3 = tuple(sets.get("masked_input", ()))
+
+    def _log_stage_change(self, before: sm.RoundState, after: sm.RoundState) -> None:
+        if before.stage is after.stage or before.round != after.round:
+            return
+        if before.stage in (sm.Stage.ADVERTISE_KEYS, sm.Stage.SHARE_KEYS, sm.Stage.MASKED_INPUT):
+            done = dict(after.survivors).get(before.stage.value, ())
+            _LOGGER.info("round %d stage %s: complete with %d site(s): %s", after.round,
+                         before.stage.value, len(done), ", ".join(done))
 
     def _masked_round(self) -> sa.MaskedRound | None:
         return self._sum.current if isinstance(self._sum, sa.MaskedFedAvg) else None
@@ -207,6 +217,13 @@ class AggregatorCore:
             self._event("round_aggregated", round=eff.round, sites=list(sites),
                         mean_train_loss=float(np.mean(losses)) if losses else None, **extra)
             return sm.RoundAggregated(eff.round, self.clock())
+        if isinstance(eff, sm.StageDeadline):
+            _LOGGER.warning("round %d stage %s: deadline passed without %s; they sit out later "
+                            "rounds until they join again", eff.round, eff.stage,
+                            ", ".join(eff.missing))
+            self._event("stage_deadline", round=eff.round, stage=eff.stage,
+                        missing=list(eff.missing))
+            return None
         if isinstance(eff, sm.Finished):
             if eff.failed:
                 _LOGGER.error("federation %s failed: %s", self.federation_id, eff.message)
@@ -779,7 +796,7 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
         tmp = port_file.with_suffix(".tmp")
         tmp.write_text(f"{port}\n")
         os.replace(tmp, port_file)
-        _LOGGER.info("aggregator for federation %s listening on %s:%d (%s); %d rounds, %d "
+        _LOGGER.info("aggregator for federation %s listening on %s:%d (%s); %d round(s), %d "
                      "site(s) expected, model %.2fM parameters, secure aggregation %s",
                      cfg.federation.name, ag.host, port,
                      "plaintext, NO authentication" if insecure else "mutual TLS",

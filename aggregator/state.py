@@ -20,8 +20,8 @@ closes when all of them acted, or at its deadline if at least ``threshold`` did;
 round aborts and nothing is released.
 
 - JOINING: waits until ``expected_sites`` have joined, or until ``min_sites`` have and
-  ``join_timeout_s`` has passed since the first join; fails if ``min_sites`` never join within
-  ``join_timeout_s``.
+  ``join_timeout_s`` has passed since the first join; it never gives up on its own (a daemon
+  waits for its sites; the operator stops it).
 - TRAINING(r): collects updates from the round's participants (the sites joined when the round
   started).  When all have submitted, or at the round deadline with at least ``min_sites``
   updates, it emits :class:`AggregateRound`; at the deadline with fewer, the federation fails
@@ -58,7 +58,7 @@ class Params:
         total_rounds: rounds to run (>= 1).
         expected_sites: sites the federation waits for at the start.
         min_sites: fewest updates a round may be aggregated from.
-        join_timeout_s: seconds to wait for joins.
+        join_timeout_s: seconds after the first join to wait for the other sites.
         round_timeout_s: seconds from a round's start to its update deadline.
         metrics_timeout_s: seconds to wait for the last round's metrics.
         mode: ``none`` (plaintext updates) or ``mask`` (the four SecAgg stages).
@@ -200,12 +200,21 @@ class UnmaskRound:
 
 
 @dataclass(frozen=True)
+class StageDeadline:
+    """A stage closed at its deadline without ``missing`` (they sit out later rounds)."""
+
+    round: int
+    stage: str
+    missing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Finished:
     failed: bool
     message: str
 
 
-Effect = StartRound | AggregateRound | UnmaskRound | Finished
+Effect = StartRound | AggregateRound | UnmaskRound | StageDeadline | Finished
 
 
 def initial_state(params: Params, now: float, *, completed_round: int = 0) -> RoundState:
@@ -337,24 +346,26 @@ def _done(state: RoundState) -> tuple[RoundState, list[Effect]]:
 def _on_tick(state: RoundState, now: float) -> tuple[RoundState, list[Effect]]:
     p = state.params
     if state.stage is Stage.JOINING:
+        # A daemon waits for its sites as long as it takes; once the first has joined, it
+        # starts with whoever is there after join_timeout_s, provided min_sites have joined.
         n = len(state.joined)
-        if n >= p.min_sites and state.first_join_at is not None:
-            if now - state.first_join_at >= p.join_timeout_s:
-                return _start_round(state, state.completed_round + 1, now)
-        elif state.started_at is not None and now - state.started_at >= p.join_timeout_s:
-            return _fail(state, f"only {n} of the {p.min_sites} sites needed joined within "
-                                f"{p.join_timeout_s:g} s")
+        if (n >= p.min_sites and state.first_join_at is not None
+                and now - state.first_join_at >= p.join_timeout_s):
+            return _start_round(state, state.completed_round + 1, now)
         return state, []
     if state.stage.value in _WHAT and now >= _deadline(state):
         k, need = len(state.submitted), _need(state)
         missing = tuple(x for x in state.expected if x not in state.submitted)
         state = replace(state, inactive=tuple(sorted({*state.inactive, *missing})))
+        note: list[Effect] = [StageDeadline(state.round, state.stage.value, missing)]
         if k >= need:
-            return _close_stage(state, now)
-        return _fail(state, f"round {state.round} stage {state.stage.value}: only {k} of the "
-                            f"{need} needed {_WHAT[state.stage.value]} arrived before the "
-                            f"{_deadline(state) - state.stage_started_at:g} s deadline; "
-                            f"nothing released")
+            state, effects = _close_stage(state, now)
+            return state, note + effects
+        failed, effects = _fail(
+            state, f"round {state.round} stage {state.stage.value}: only {k} of the {need} "
+                   f"needed {_WHAT[state.stage.value]} arrived before the "
+                   f"{_deadline(state) - state.stage_started_at:g} s deadline; nothing released")
+        return failed, note + effects
     if state.stage is Stage.FINISHING and now - state.stage_started_at >= p.metrics_timeout_s:
         return _done(state)
     return state, []

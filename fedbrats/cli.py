@@ -1,4 +1,4 @@
-"""The ``fedbrats`` command line.
+"""fedbrats: privacy-preserving federated brain-tumour segmentation.
 
 Subcommands::
 
@@ -120,7 +120,7 @@ def cmd_simulate(args) -> int:
                                          f"{', '.join(DROP_STAGES)}, got {d!r}"])
         drops[site] = stage
     _warn_insecure(args)
-    return simulate(cfg, Path(args.out), insecure=args.insecure, drops=drops)
+    return simulate(cfg, Path(args.out), insecure=args.insecure, drops=drops, force=args.force)
 
 
 def cmd_predict(args) -> int:
@@ -140,9 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write synthetic BraTS-format data (ICBM152 anatomy)")
     s.add_argument("--out", required=True, help="output folder (created)")
-    s.add_argument("--sites", type=int, default=3)
-    s.add_argument("--cases-per-site", type=int, default=8)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    s.add_argument("--cases-per-site", type=int, default=8, help="cases per site (default 8)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--labels", choices=["2021", "2023"], default="2021",
                    help="label convention and file naming (default 2021 / FeTS 2022)")
     s.add_argument("--spacing", type=float, default=2.0, help="isotropic voxel size, mm")
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--days", type=int, default=825, help="certificate validity, days")
     pv.set_defaults(func=cmd_provision)
 
-    insecure_help = "plaintext gRPC without authentication (prints a warning; debugging only)"
+    insecure_help = "plaintext gRPC without authentication; prints a warning; debugging only"
     a = sub.add_parser("aggregator", help="run the aggregator daemon")
     a.add_argument("--config", required=True, help="aggregator TOML")
     a.add_argument("--insecure", action="store_true", help=insecure_help)
@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--sites", type=int, help="override federation.sites")
     sim.add_argument("--rounds", type=int, help="override federation.rounds")
     sim.add_argument("--data", help="BraTS/FeTS dataset folder (default: synthetic data)")
+    sim.add_argument("--force", action="store_true",
+                     help="replace a previous run in --out (its outputs are deleted)")
     sim.add_argument("--secure-agg", choices=["none", "mask"],
                      help="override federation.secure_aggregation")
     sim.add_argument("--drop", action="append", metavar="SITE:STAGE",
@@ -190,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file (final_model.pt)")
     p.add_argument("--case", required=True, help="case folder with the four modalities")
     p.add_argument("--out", required=True, help="output segmentation .nii.gz")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when present, else CPU (default)")
     p.set_defaults(func=cmd_predict)
     return ap
 

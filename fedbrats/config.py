@@ -480,16 +480,19 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
         for site in getattr(ag, name):
             need(_valid_site_id(site), f"aggregator.{name}", f"invalid site id {site!r}")
     need(not cfg.node.site_id or _valid_site_id(cfg.node.site_id), "node.site_id",
-         f"invalid site id {cfg.node.site_id!r} (letters, digits, '-', '_', '.'; not "
-         f"'aggregator')")
+         f"invalid site id {cfg.node.site_id!r} (letters, digits, '-', '_', '.', starting "
+         f"with a letter or digit; not 'aggregator')")
     need(not cfg.node.drop_at or cfg.node.drop_at in DROP_STAGES, "node.drop_at",
          f"must be empty or one of {DROP_STAGES}, got {cfg.node.drop_at!r}")
     sa = cfg.secagg
     if fed.secure_aggregation == "mask":
         t = secagg_threshold(cfg)
-        need(2 <= t <= fed.sites, "secagg.threshold",
-             f"must be in [2, federation.sites = {fed.sites}] (0 = sites // 2 + 1), got {t}"
-             + (" — masking needs at least 2 sites" if fed.sites < 2 else ""))
+        if fed.sites < 2:
+            problems.append(f"federation.sites: secure_aggregation = 'mask' needs at least 2 "
+                            f"sites, got {fed.sites} (use secure_aggregation = 'none')")
+        else:
+            need(2 <= t <= fed.sites, "secagg.threshold",
+                 f"must be in [2, federation.sites = {fed.sites}] (0 = sites // 2 + 1), got {t}")
     need(sa.threshold >= 0, "secagg.threshold", f"must be >= 0, got {sa.threshold}")
     need(sa.neighbours == 0 or (sa.neighbours >= 2 and sa.neighbours % 2 == 0),
          "secagg.neighbours", f"must be 0 (complete graph) or an even number >= 2, got "
@@ -517,8 +520,10 @@ def secagg_threshold(cfg: Config) -> int:
 
 
 def _valid_site_id(site: str) -> bool:
-    """Site ids: 1–64 of letters, digits, ``-``, ``_``, ``.``; ``aggregator`` is reserved."""
-    return (0 < len(site) <= 64 and site != "aggregator"
+    """Site ids: 1–64 of letters, digits, ``-``, ``_``, ``.``, starting with a letter or digit
+    (so ``.`` and ``..`` are not ids: a site id names a folder); ``aggregator`` is reserved."""
+    return (0 < len(site) <= 64 and site != "aggregator" and site[0].isascii()
+            and site[0].isalnum()
             and all(c.isascii() and (c.isalnum() or c in "-_.") for c in site))
 
 
@@ -570,7 +575,7 @@ def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
     raw = to_dict(cfg)
     for section, values in sections.items():
         raw[section].update(values)
-    return config_from_dict(raw, source="<overrides>")
+    return config_from_dict(raw, source="the configuration with command-line overrides")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -77,8 +77,8 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         problems.append("--sites: give at least one site id")
     for s in sites:
         if not _valid_site_id(s):
-            problems.append(f"--sites: invalid site id {s!r} (letters, digits, '-', '_', '.'; "
-                            f"not 'aggregator')")
+            problems.append(f"--sites: invalid site id {s!r} (letters, digits, '-', '_', '.', "
+                            f"starting with a letter or digit; not 'aggregator')")
     if len(set(sites)) != len(sites):
         problems.append("--sites: site ids must be unique")
     try:
@@ -87,13 +87,13 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         problems.extend(exc.problems)
         host, port = "", 0
     if problems:
-        raise ConfigError("fedbrats provision", problems)
+        raise ConfigError("provision arguments", problems)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
-            what = "a federation" if (out / MANIFEST).exists() else "files"
+            what = "a provisioned federation" if (out / MANIFEST).exists() else "other files"
             raise FedbratsError(f"{out} already holds {what}; refusing to overwrite it "
-                                f"(pass --force to replace it)")
+                                f"(pass --force to replace a federation)")
         if not (out / MANIFEST).exists():
             raise FedbratsError(f"{out} holds files that are not a fedbrats federation; "
                                 f"refusing to delete them even with --force")

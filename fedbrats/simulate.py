@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedbrats.config import Config, to_toml, with_overrides
-from fedbrats.errors import FedbratsError
+from fedbrats.errors import ConfigError, FedbratsError
 
 #: Seconds to wait for the aggregator to bind its port.
 STARTUP_TIMEOUT_S = 120.0
@@ -136,17 +136,29 @@ class _Progress:
     def _fmt(self, kind: str, r: dict) -> str:
         if kind == "metrics":
             d = r.get("dice", {})
-            return (f"  round {r['round']}/{self.rounds}  {r['site']:<8} loss {_f(r.get('train_loss'))}"
+            return (f"        round {r['round']}/{self.rounds} result at {r['site']:<8} "
+                    f"loss {_f(r.get('train_loss'))}"
                     f"  Dice WT {_f(d.get('wt'))} TC {_f(d.get('tc'))} ET {_f(d.get('et'))}"
                     f"  mean {_f(d.get('mean'))}")
         ev = r.get("event")
         if ev == "round_started":
-            return f"round {r['round']}/{self.rounds}: training at {', '.join(r['sites'])} ({r['t']:.0f} s)"
+            return (f"[{r['t']:5.0f} s] round {r['round']}/{self.rounds}: started at "
+                    f"{', '.join(r['sites'])}")
         if ev == "round_aggregated":
-            return (f"round {r['round']}/{self.rounds}: aggregated {len(r['sites'])} update(s), "
-                    f"mean train loss {_f(r.get('mean_train_loss'))} ({r['t']:.0f} s)")
+            sec = r.get("secagg")
+            extra = ""
+            if sec:
+                extra = f"; masked: U1 {sec['U1']}, U2 {sec['U2']}, U3 {sec['U3']}, U4 {sec['U4']}"
+                if sec.get("dropped"):
+                    extra += f", dropped after sharing keys: {', '.join(sec['dropped'])}"
+            return (f"[{r['t']:5.0f} s] round {r['round']}/{self.rounds}: aggregated "
+                    f"{len(r['sites'])} update(s) ({', '.join(r['sites'])}), mean train loss "
+                    f"{_f(r.get('mean_train_loss'))}{extra}")
+        if ev == "stage_deadline":
+            return (f"[{r['t']:5.0f} s] round {r['round']}/{self.rounds}: stage {r['stage']} "
+                    f"deadline passed without {', '.join(r['missing'])} (dropped)")
         if ev == "finished":
-            return f"federation {'FAILED' if r.get('failed') else 'finished'}: {r.get('message')}"
+            return f"[{r['t']:5.0f} s] {'FAILED: ' if r.get('failed') else ''}{r.get('message')}"
         return json.dumps(r)
 
 
@@ -178,7 +190,10 @@ def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = F
         "federation": cfg.federation.name,
         "rounds_completed": rounds_done,
         "rounds_planned": cfg.federation.rounds,
-        "sites": sorted({r["site"] for r in recs}) or [f"site-{i}" for i in range(1, cfg.federation.sites + 1)],
+        # Every site of the federation; the Dice figures average those that evaluated the last
+        # round's model (sites_evaluated), a site that dropped out is not among them.
+        "sites": [f"site-{i}" for i in range(1, cfg.federation.sites + 1)],
+        "sites_evaluated": sorted({r["site"] for r in final}),
         "secure_aggregation": cfg.federation.secure_aggregation,
         "transport": "insecure" if insecure else "mtls",
         "dp": {"mode": "none", "epsilon": None, "delta": None},
@@ -189,7 +204,7 @@ def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = F
 
 
 def simulate(cfg: Config, out: Path, *, insecure: bool = False,
-             drops: dict[str, str] | None = None) -> int:
+             drops: dict[str, str] | None = None, force: bool = False) -> int:
     """Run the federation described by ``cfg``; see the module docstring.
 
     Returns:
@@ -202,15 +217,25 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
     drops = dict(drops or {})
     unknown = [s for s in drops if s not in {f"site-{i}" for i in range(1, cfg.federation.sites + 1)}]
     if unknown:
-        raise FedbratsError(f"--drop names unknown site(s) {', '.join(unknown)} (the simulation "
-                            f"has site-1..site-{cfg.federation.sites})")
+        raise ConfigError("--drop", [f"unknown site(s) {', '.join(unknown)}: the simulation has "
+                                     f"site-1..site-{cfg.federation.sites}"])
     out = out.expanduser().resolve()
     if out.exists() and any(out.iterdir()):
-        for name in ("metrics.jsonl", "events.jsonl", "summary.json", "final_model.pt",
-                     "aggregator.port"):
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "logs", "configs", "sites", "federation"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        ours = {"metrics.jsonl", "events.jsonl", "summary.json", "final_model.pt",
+                "aggregator.port", "resume.json", "checkpoints", "logs", "configs", "sites",
+                "federation"}
+        present = {p.name for p in out.iterdir()}
+        if not force:
+            raise FedbratsError(f"--out {out} is not empty; refusing to overwrite a previous run "
+                                f"(pass --force to replace it, or choose another folder)")
+        foreign = sorted(present - ours)
+        if foreign:
+            raise FedbratsError(f"--out {out} holds files that are not a fedbrats run "
+                                f"({', '.join(foreign[:5])}); refusing to delete them even with "
+                                f"--force")
+        for name in present:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "configs").mkdir(exist_ok=True)
     root = ensure_data(cfg)
@@ -239,6 +264,11 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
     agg_toml = out / "configs" / "aggregator.toml"
     agg_toml.write_text(to_toml(agg_cfg), encoding="utf-8")
     procs: dict[str, subprocess.Popen] = {}
+
+    def _on_term(signum, frame):  # stop the daemons too, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_term)
     _say(f"federation {cfg.federation.name}: {cfg.federation.sites} site(s), "
          f"{cfg.federation.rounds} round(s), secure aggregation {cfg.federation.secure_aggregation}, "
          f"transport {'PLAINTEXT (--insecure)' if insecure else 'mutual TLS'}; logs in {out / 'logs'}")
@@ -290,6 +320,7 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
         return 130
     finally:
         _stop(procs)
+        signal.signal(signal.SIGTERM, previous)
     wall = time.perf_counter() - t_start
     summary = summarize(out, cfg, wall, insecure=insecure)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

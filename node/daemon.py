@@ -30,7 +30,7 @@ import numpy as np
 from fedbrats.transport import grpc_options
 from fedbrats import wire
 from fedbrats.config import Config
-from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted
+from fedbrats.errors import ConfigError, FedbratsError, ProtocolError, RoundAborted
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -85,9 +85,10 @@ def _site_cases(cfg: Config):
     site = cfg.node.site_id
     root = Path(cfg.data.root).expanduser()
     if not cfg.data.root:
-        raise FedbratsError(f"site {site}: data.root is empty; point it at a BraTS/FeTS folder")
+        raise ConfigError(f"site {site}", ["data.root is empty; point it at the site's "
+                                           "BraTS/FeTS folder"])
     if not root.is_dir():
-        raise FedbratsError(f"site {site}: data.root {root} is not a directory")
+        raise ConfigError(f"site {site}", [f"data.root: {root} is not a directory"])
     part = Path(cfg.data.partitioning).expanduser() if cfg.data.partitioning else None
     sites = data.discover_sites(root, partitioning=part)
     if site not in sites:

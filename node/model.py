@@ -375,7 +375,12 @@ def read_model_file(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     except OSError as exc:
         raise FedbratsError(f"{where}: cannot read: {exc.strerror or exc}") from None
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, zipfile errors
-        raise FedbratsError(f"{where}: not a readable model file ({type(exc).__name__}: {exc})") from None
+        # torch's own message suggests weights_only=False, which would execute code from the
+        # file: never pass that advice on.
+        raise FedbratsError(
+            f"{where}: not a fedbrats model file (expected a file written by fedbrats, such as "
+            f"final_model.pt; loading failed with {type(exc).__name__})"
+        ) from None
     if not isinstance(raw, dict):
         raise FedbratsError(f"{where}: not a fedbrats model file (top level is {type(raw).__name__})")
     if raw.get("format") != MODEL_FILE_FORMAT:

@@ -111,3 +111,12 @@ def test_node_preflight_failure_names_the_file_and_exits_3(tiny_run, tmp_path):
     assert res.returncode == 3, res.stderr
     assert flair.name in res.stderr and case.name in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_simulate_refuses_to_overwrite_a_previous_run_without_force(tiny_run):
+    proc, out, tmp = tiny_run
+    assert proc.returncode == 0
+    before = (out / "summary.json").read_bytes()
+    res = fedbrats("simulate", "--config", str(tmp / "tiny.toml"), "--out", str(out), timeout=120)
+    assert res.returncode == 1 and "--force" in res.stderr
+    assert (out / "summary.json").read_bytes() == before  # nothing lost

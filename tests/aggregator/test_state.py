@@ -54,7 +54,8 @@ def test_round_deadline_aggregates_with_min_sites():
     s, eff = run(s, sm.Tick(99.9))
     assert eff == [] and s.stage is sm.Stage.TRAINING
     s, eff = run(s, sm.Tick(100.0))
-    assert eff == [sm.AggregateRound(1, ("site-1", "site-3"))]
+    assert eff == [sm.StageDeadline(1, "training", ("site-2",)),
+                   sm.AggregateRound(1, ("site-1", "site-3"))]
 
 
 def test_round_deadline_with_too_few_updates_fails_and_releases_nothing():
@@ -70,7 +71,7 @@ def test_round_deadline_with_too_few_updates_fails_and_releases_nothing():
     assert s2 == s and eff2 == []
 
 
-def test_join_timeout_starts_with_min_sites_or_fails():
+def test_join_timeout_starts_with_min_sites_and_otherwise_keeps_waiting():
     s = sm.initial_state(P, 0.0)
     s, _ = run(s, sm.SiteJoined("site-1", 1), sm.SiteJoined("site-2", 2))
     s, eff = run(s, sm.Tick(10.5))
@@ -79,9 +80,14 @@ def test_join_timeout_starts_with_min_sites_or_fails():
     assert s.stage is sm.Stage.TRAINING and eff == [sm.StartRound(1, ("site-1", "site-2"))]
 
     lonely = sm.initial_state(P, 0.0)
-    lonely, _ = run(lonely, sm.SiteJoined("site-1", 1))
-    lonely, eff = run(lonely, sm.Tick(10))
-    assert lonely.failed and "only 1 of the 2 sites needed joined" in lonely.message
+    lonely, eff = run(lonely, sm.Tick(1000))  # nobody yet: a daemon keeps waiting
+    assert lonely.stage is sm.Stage.JOINING and not lonely.failed
+    lonely, _ = run(lonely, sm.SiteJoined("site-1", 1001), sm.Tick(5000))
+    assert lonely.stage is sm.Stage.JOINING and not lonely.failed
+    lonely, eff = run(lonely, sm.SiteJoined("site-2", 5001))
+    assert lonely.stage is sm.Stage.JOINING  # 2 of 3: wait join_timeout_s after the first join
+    lonely, eff = run(lonely, sm.Tick(5002))
+    assert lonely.stage is sm.Stage.TRAINING
 
 
 def test_metrics_timeout_finishes():

@@ -182,7 +182,7 @@ def test_model_file_corrupted_bytes_rejected(tmp_path):
     with pytest.raises(FedbratsError, match=re.escape(str(path))):
         load_model_file(path)
     path.write_bytes(bytes(blob[:2000]))  # truncated
-    with pytest.raises(FedbratsError, match=rf"{re.escape(str(path))}.*not a readable model file"):
+    with pytest.raises(FedbratsError, match=rf"{re.escape(str(path))}.*not a fedbrats model file"):
         load_model_file(path)
 
 
