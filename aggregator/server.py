@@ -113,8 +113,14 @@ class AggregatorCore:
                                 f"{fed.rounds} round(s) in {self.out_dir}; use a new out_dir")
         self._state = sm.initial_state(self.params, clock(), completed_round=completed_round)
         self._sites: dict[str, _Site] = {}
-        self._sum = (sa.MaskedFedAvg(cfg) if fed.secure_aggregation == "mask"
-                     else make_secure_sum(fed.secure_aggregation))
+        if fed.secure_aggregation == "mask":
+            self._sum = sa.MaskedFedAvg(cfg)
+        elif fed.secure_aggregation == "ckks":
+            from aggregator.ckks import CKKSSum
+
+            self._sum = CKKSSum(cfg)
+        else:
+            self._sum = make_secure_sum(fed.secure_aggregation)
         self._global = initial_model
         self._global_payload = wire.pack_tensors(initial_model)
         self._result_payloads: dict[int, wire.Payload] = {}
@@ -194,16 +200,23 @@ class AggregatorCore:
                              len(eff.responders),
                              ", ".join(s for s in eff.shared if s not in eff.survivors) or "none")
             try:
-                new_model = self._sum.finalize(sites)
+                result = self._sum.finalize(sites)
             except RoundAborted as exc:
                 return sm.Abort(str(exc), self.clock())
             except FedbratsError as exc:
                 return sm.Abort(f"round {eff.round}: aggregation failed: {exc}", self.clock())
-            self._global = new_model
-            self._global_payload = wire.pack_tensors(new_model)
+            if isinstance(result, wire.Payload):
+                # ckks: the result is the encrypted aggregate; the new global model exists only
+                # at the sites.  Its identity for the next round is the aggregate's SHA-256.
+                self._global = None
+                self._global_payload = result
+            else:
+                self._global = result
+                self._global_payload = wire.pack_tensors(result)
             self._result_payloads[eff.round] = self._global_payload
             self._result_payloads.pop(eff.round - 2, None)
-            self._checkpoint(eff.round)
+            if self._global is not None:
+                self._checkpoint(eff.round)
             losses = [self._round_loss[s] for s in sites if s in self._round_loss]
             _LOGGER.info("round %d stage aggregating: aggregated %d update(s) from %s; "
                          "mean train loss %.4f", eff.round, len(sites), ", ".join(sites),
@@ -268,6 +281,10 @@ class AggregatorCore:
         os.replace(tmp, self.out_dir / RESUME_FILE)
 
     def _save_final(self) -> None:
+        if self._global is None:
+            _LOGGER.info("ckks mode: the final model exists only at the sites (each writes "
+                         "final_model.pt in its node.state_dir)")
+            return
         self._save_model(self.out_dir / "final_model.pt", self._global,
                          self._state.completed_round)
 
@@ -378,6 +395,10 @@ class AggregatorCore:
                 raise ProtocolError(f"site {env.site_id}: no global model for round {env.round} "
                                     f"(the aggregator is in stage {s.stage.value} of round "
                                     f"{s.round})")
+            if self._global is None:
+                raise ProtocolError(f"site {env.site_id}: in ckks mode the global model of round "
+                                    f"{env.round} exists only at the sites (decrypted from round "
+                                    f"{env.round - 1}'s aggregate); the aggregator cannot send it")
             return self._global_payload
 
     def result_payload(self, env: wire.Envelope) -> wire.Payload:
@@ -402,7 +423,7 @@ class AggregatorCore:
             if header.metadata.base_model_sha256 != self._global_payload.info.sha256:
                 raise ProtocolError(f"site {env.site_id}: round {env.round} update was computed "
                                     f"from another global model")
-            if header.payload.scheme != ("mask" if self.mode == "mask" else "plain"):
+            if header.payload.scheme != {"mask": "mask", "ckks": "ckks"}.get(self.mode, "plain"):
                 raise ProtocolError(f"site {env.site_id}: payload scheme "
                                     f"{header.payload.scheme!r} does not match mode "
                                     f"{self.cfg.federation.secure_aggregation!r}")
@@ -420,8 +441,8 @@ class AggregatorCore:
             self._round_loss[env.site_id] = header.metadata.train_loss
             _LOGGER.info("round %d stage %s: update from site %s accepted (%d bytes, %s, "
                          "loss %.4f)", env.round, stage, env.site_id, payload.info.total_bytes,
-                         "weight masked" if self.mode == "mask"
-                         else f"weight {header.metadata.num_samples}",
+                         {"mask": "weight masked", "ckks": "weight encrypted"}.get(
+                             self.mode, f"weight {header.metadata.num_samples}"),
                          header.metadata.train_loss)
             self._apply(sm.Submitted(env.site_id, env.round, sm.Stage(stage), self.clock()))
             return wire.SubmitReply(True, False, "accepted")

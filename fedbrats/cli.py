@@ -7,7 +7,7 @@ Subcommands::
     fedbrats aggregator  --config aggregator.toml [--insecure]
     fedbrats node        --config site-1.toml [--insecure]
     fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR]
-                         [--secure-agg none|mask] [--drop SITE:STAGE ...] [--insecure]
+                         [--secure-agg none|mask|ckks] [--drop SITE:STAGE ...] [--insecure]
     fedbrats predict     --model FILE --case DIR --out FILE.nii.gz
 
 Exit codes: 0 success; 1 other fedbrats error; 2 configuration error; 3 input data error (the
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data", help="BraTS/FeTS dataset folder (default: synthetic data)")
     sim.add_argument("--force", action="store_true",
                      help="replace a previous run in --out (its outputs are deleted)")
-    sim.add_argument("--secure-agg", choices=["none", "mask"],
+    sim.add_argument("--secure-agg", choices=["none", "mask", "ckks"],
                      help="override federation.secure_aggregation")
     sim.add_argument("--drop", action="append", metavar="SITE:STAGE",
                      help="fault injection: SITE vanishes when it reaches STAGE (repeatable)")

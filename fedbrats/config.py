@@ -22,7 +22,7 @@ from typing import Any
 
 from fedbrats.errors import ConfigError
 
-SECURE_AGGREGATION_MODES = ("none", "mask")
+SECURE_AGGREGATION_MODES = ("none", "mask", "ckks")
 SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 DROP_STAGES = ("training", "result", *SECAGG_STAGES)
 DP_MODES = ("none",)
@@ -270,16 +270,23 @@ class CKKSConfig:
         poly_modulus_degree: ring dimension N; each ciphertext packs N/2 values.
         coeff_mod_bit_sizes: bit sizes of the coefficient modulus primes.
         scale_bits: log2 of the encoding scale.
-        max_abs_value: largest |weight · Δ| coordinate a site may encrypt (checked; for the
-            precision and headroom check at provisioning).
-        context: (site/aggregator) path of the serialized TenSEAL context from provisioning —
-            secret context in site kits, public context in the aggregator kit.
+        max_abs_value: each coordinate of a site's update Δ is clipped to ±max_abs_value before
+            encryption (clipped values are counted); with ``max_weight`` and the number of sites
+            it sizes the precision and headroom check at provisioning.
+        max_weight: largest FedAvg weight (training cases) a site may contribute.
+        context: path of the serialized context from provisioning — the secret context in site
+            kits (``ckks-secret.ctx``), the public one in the aggregator kit
+            (``ckks-public.ctx``).
+
+    The default chain (60, 40) is the shortest TenSEAL accepts: addition never rescales, so a
+    ciphertext carries only the 60-bit prime (32 bytes per parameter on the wire).
     """
 
     poly_modulus_degree: int = 8192
-    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40, 60)
+    coeff_mod_bit_sizes: tuple[int, ...] = (60, 40)
     scale_bits: int = 40
-    max_abs_value: float = 64.0
+    max_abs_value: float = 1.0
+    max_weight: int = 100
     context: str = _path()
 
 
@@ -510,6 +517,19 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
                                      max_sites=fed.sites, max_weight=sa.max_weight), widen=True)
         except ConfigError as exc:
             problems.extend(f"secagg: {p}" for p in exc.problems)
+    ck = cfg.ckks
+    need(ck.max_abs_value > 0, "ckks.max_abs_value", f"must be > 0, got {ck.max_abs_value}")
+    need(ck.max_weight >= 1, "ckks.max_weight", f"must be >= 1, got {ck.max_weight}")
+    if fed.secure_aggregation == "ckks" and not any(p.startswith("ckks.") for p in problems):
+        from crypto.ckks import CKKSParams, check_params
+
+        try:
+            check_params(CKKSParams(ck.poly_modulus_degree, tuple(ck.coeff_mod_bit_sizes),
+                                    ck.scale_bits),
+                         max_sites=fed.sites, max_abs_value=ck.max_abs_value,
+                         max_weight=ck.max_weight)
+        except ConfigError as exc:
+            problems.extend(f"ckks: {p}" for p in exc.problems)
     need(cfg.node.connect_timeout_s > 0, "node.connect_timeout_s",
          f"must be > 0 s, got {cfg.node.connect_timeout_s}")
 

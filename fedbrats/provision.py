@@ -7,10 +7,11 @@ Layout written under ``--out DIR``::
     DIR/ca/ca.crt, ca.key        the federation CA — keep offline; never copy to a party
     DIR/aggregator/              the aggregator's kit
         aggregator.toml, ca.crt, aggregator.crt, aggregator.key (0600),
+        ckks-public.ctx          the CKKS context *without* its secret key (can only add)
         identities/<site>.pub    every site's Ed25519 identity *public* key
     DIR/<site>/                  one kit per site
         <site>.toml, ca.crt, <site>.crt, <site>.key (0600),
-        identity.key (0600), identity.pub,
+        identity.key (0600), identity.pub, ckks-secret.ctx (0600, the shared CKKS secret key),
         identities/<site>.pub    every site's identity *public* key (to verify the other
                                  sites' signed key advertisements in secure aggregation)
 
@@ -118,8 +119,10 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
     raw = to_dict(base)
     raw["federation"].update(name=federation, sites=len(sites),
                              min_sites=min(base.federation.min_sites, len(sites)))
+    ckks_fp = _make_ckks(base, len(sites), out, agg_dir, sites)
     manifest = {
         "federation": federation,
+        "ckks_context_sha256": ckks_fp,
         "aggregator": {"address": f"{host}:{port}", "hosts": hosts,
                        "certificate_sha256": pki.cert_fingerprint(server.cert_pem)},
         "ca_certificate_sha256": pki.cert_fingerprint(ca.cert_pem),
@@ -129,7 +132,7 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
     identities: dict[str, bytes] = {}
     for site in sites:
         kit = out / site
-        kit.mkdir()
+        kit.mkdir(exist_ok=True)
         cert = pki.issue_site_cert(ca, federation, site, now=now, days=days)
         (kit / "ca.crt").write_bytes(ca.cert_pem)
         (kit / f"{site}.crt").write_bytes(cert.cert_pem)
@@ -145,6 +148,8 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
                                 identities_dir="identities")
         site_raw["tls"] = {"ca_cert": "ca.crt", "cert": f"{site}.crt", "key": f"{site}.key",
                            "server_name": host}
+        if ckks_fp:
+            site_raw["ckks"]["context"] = "ckks-secret.ctx"
         _write_toml(kit / f"{site}.toml", site_raw)
         manifest["sites"][site] = {
             "certificate_sha256": pki.cert_fingerprint(cert.cert_pem),
@@ -159,9 +164,39 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
                                  allowed_sites=list(sites), revoked_sites=[])
     agg_raw["tls"] = {"ca_cert": "ca.crt", "cert": "aggregator.crt", "key": "aggregator.key",
                       "server_name": ""}
+    if ckks_fp:
+        agg_raw["ckks"]["context"] = "ckks-public.ctx"
     _write_toml(agg_dir / "aggregator.toml", agg_raw)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
+
+
+def _make_ckks(base: Config, n_sites: int, out: Path, agg_dir: Path, sites: list[str]) -> str:
+    """Generate the federation's CKKS context: secret copies to the site kits, the public one to
+    the aggregator kit.  Returns its fingerprint, or "" when the parameters do not fit this
+    federation and CKKS is not the configured mode (then ckks mode stays unavailable).
+
+    Raises:
+        ConfigError: CKKS is the configured mode and its parameters do not fit (required vs
+            available headroom and precision).
+    """
+    from crypto import ckks
+
+    ck = base.ckks
+    params = ckks.CKKSParams(ck.poly_modulus_degree, tuple(ck.coeff_mod_bit_sizes), ck.scale_bits)
+    try:
+        ckks.check_params(params, max_sites=n_sites, max_abs_value=ck.max_abs_value,
+                          max_weight=ck.max_weight)
+    except ConfigError:
+        if base.federation.secure_aggregation == "ckks":
+            raise
+        return ""
+    fc = ckks.make_context(params)
+    (agg_dir / "ckks-public.ctx").write_bytes(fc.public)
+    for site in sites:
+        (out / site).mkdir(exist_ok=True)
+        pki.write_private(out / site / "ckks-secret.ctx", fc.secret)
+    return fc.fingerprint
 
 
 def _bracket(host: str) -> str:

@@ -258,9 +258,14 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
             tls[s] = {"ca_cert": str(kits / s / "ca.crt"), "cert": str(kits / s / f"{s}.crt"),
                       "key": str(kits / s / f"{s}.key"), "server_name": "127.0.0.1"}
     flag = ["--insecure"] if insecure else []
+    ckks_ctx = {}
+    if (kits / "aggregator" / "ckks-public.ctx").exists():
+        ckks_ctx["aggregator"] = {"context": str(kits / "aggregator" / "ckks-public.ctx")}
+        for s in sites:
+            ckks_ctx[s] = {"context": str(kits / s / "ckks-secret.ctx")}
     agg_cfg = with_overrides(cfg, aggregator={"host": "127.0.0.1", "port": 0, "out_dir": str(out),
                                               "allowed_sites": sites},
-                             tls=tls.get("aggregator", {}))
+                             tls=tls.get("aggregator", {}), ckks=ckks_ctx.get("aggregator", {}))
     agg_toml = out / "configs" / "aggregator.toml"
     agg_toml.write_text(to_toml(agg_cfg), encoding="utf-8")
     procs: dict[str, subprocess.Popen] = {}
@@ -293,7 +298,7 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
                 "identity_key": str(kits / site / "identity.key"),
                 "identities_dir": str(kits / site / "identities"),
                 "drop_at": drops.get(site, "")},
-                tls=tls.get(site, {}))
+                tls=tls.get(site, {}), ckks=ckks_ctx.get(site, {}))
             path = out / "configs" / f"{site}.toml"
             path.write_text(to_toml(node_cfg), encoding="utf-8")
             procs[site] = _spawn(["node", "--config", str(path), *flag],
@@ -321,6 +326,11 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
     finally:
         _stop(procs)
         signal.signal(signal.SIGTERM, previous)
+    if cfg.federation.secure_aggregation == "ckks":
+        # Only the sites hold the model in ckks mode; the simulation keeps site-1's copy.
+        site_model = out / "sites" / "site-1" / "final_model.pt"
+        if site_model.exists():
+            shutil.copyfile(site_model, out / "final_model.pt")
     wall = time.perf_counter() - t_start
     summary = summarize(out, cfg, wall, insecure=insecure)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

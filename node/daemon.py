@@ -148,6 +148,13 @@ class Node:
         delta = model_delta(state_to_numpy(self.model), global_model)
         return LocalUpdate(delta, res.num_samples, res.steps, res.mean_loss, res.seconds)
 
+    def save_model(self, path: Path, global_model: dict[str, np.ndarray], round: int) -> None:
+        """Write the global model as a ``fedbrats-model/1`` file (ckks mode: only sites have it)."""
+        from node.model import save_model_file
+
+        save_model_file(path, global_model, model_cfg=self.cfg.model, labels=self.cfg.data.labels,
+                        round=round, federation=self.cfg.federation.name)
+
     def evaluate(self, round: int, global_model: dict[str, np.ndarray]) -> dict:
         from node.model import load_numpy_state
         from node.train import evaluate
@@ -182,6 +189,11 @@ class SiteSession:
             raise FedbratsError(f"site {self.site}: mask mode needs the site's identity keys")
         self.filters = make_update_filters(cfg)
         self.protector = make_protector(cfg) if self.mode == "none" else None
+        self.ckks_ctx = None
+        if self.mode == "ckks":
+            from aggregator.ckks import load_federation_context
+
+            self.ckks_ctx = load_federation_context(cfg, secret=True)
         self.global_model: dict | None = None
         self.global_sha = b""
         self.last_completed = 0
@@ -344,6 +356,9 @@ class SiteSession:
             if self.clipped:
                 _LOGGER.warning("site %s: round %d: %d update value(s) clipped to ±%g before "
                                 "quantisation", self.site, r, self.clipped, self.cfg.secagg.clip)
+        elif self.mode == "ckks":
+            payload = self._encrypt(r, delta, upd.num_samples)
+            weight = 0  # the weight travels encrypted, inside the payload
         else:
             payload = self.protector.protect(r, delta, upd.num_samples)
             weight = upd.num_samples
@@ -356,6 +371,57 @@ class SiteSession:
                      "%.1f s)%s", self.site, r, task.stage, payload.info.scheme,
                      payload.info.total_bytes / 1e6, upd.loss, upd.seconds,
                      " (duplicate, counted once)" if reply.duplicate else "")
+
+    def _encrypt(self, r: int, delta: dict[str, np.ndarray], weight: int) -> wire.Payload:
+        """ckks mode: clip Δ to ±ckks.max_abs_value, encrypt (weight·Δ, weight) in chunks."""
+        from aggregator.ckks import chunks_to_tensors
+        from crypto import ckks
+        from crypto.errors import CryptoInputError
+
+        if weight > self.cfg.ckks.max_weight:
+            raise FedbratsError(f"site {self.site}: {weight} training cases exceed "
+                                f"ckks.max_weight = {self.cfg.ckks.max_weight}")
+        flat = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in delta.values()])
+        if not np.all(np.isfinite(flat)):
+            raise FedbratsError(f"site {self.site}: round {r}: refusing to encrypt an update "
+                                f"with {int(np.sum(~np.isfinite(flat)))} non-finite value(s)")
+        lim = self.cfg.ckks.max_abs_value
+        self.clipped = int(np.count_nonzero(np.abs(flat) > lim))
+        if self.clipped:
+            _LOGGER.warning("site %s: round %d: %d update value(s) clipped to ±%g before "
+                            "encryption", self.site, r, self.clipped, lim)
+        np.clip(flat, -lim, lim, out=flat)
+        try:
+            chunks = ckks.encrypt_update(flat * weight, float(weight), self.ckks_ctx,
+                                         max_abs_value=lim)
+        except (CryptoInputError, FedbratsError) as exc:
+            raise FedbratsError(f"site {self.site}: round {r}: refusing to encrypt: {exc}") \
+                from None
+        return wire.pack_tensors(chunks_to_tensors(chunks), scheme="ckks")
+
+    def _decrypt_result(self, r: int, payload: wire.Payload) -> dict[str, np.ndarray]:
+        """ckks mode: new global = global + Σ wᵢΔᵢ / Σ wᵢ, decrypted here at the site."""
+        from aggregator.ckks import tensors_to_chunks
+        from crypto import ckks
+        from crypto.errors import CryptoError, CryptoInputError
+
+        if self.global_model is None:
+            raise FedbratsError(f"site {self.site}: round {r}: no global model to apply the "
+                                f"aggregate to (ckks mode cannot recover a lost model)")
+        n = sum(int(v.size) for v in self.global_model.values())
+        try:
+            total, weight = ckks.decrypt_aggregate(
+                tensors_to_chunks(wire.unpack_tensors(payload), f"round {r} aggregate"),
+                self.ckks_ctx, n)
+        except (CryptoError, CryptoInputError) as exc:
+            raise ProtocolError(f"site {self.site}: round {r}: the aggregate does not decrypt "
+                                f"under this federation's context ({exc})") from None
+        mean = total / weight
+        out, off = {}, 0
+        for k, g in self.global_model.items():
+            out[k] = (g.astype(np.float64) + mean[off:off + g.size].reshape(g.shape)).astype(g.dtype)
+            off += g.size
+        return out
 
     def _on_unmask(self, stub, task: wire.Task) -> None:
         r = task.round
@@ -376,13 +442,25 @@ class SiteSession:
         if payload.info.sha256 != task.model_sha256:
             raise ProtocolError(f"site {self.site}: round {r}: fetched result does not match "
                                 f"the announced SHA-256")
-        self.global_model = wire.unpack_tensors(payload)
+        if payload.info.scheme == "ckks":
+            self.global_model = self._decrypt_result(r, payload)
+        else:
+            self.global_model = wire.unpack_tensors(payload)
         self.global_sha = payload.info.sha256
+        if r == task.total_rounds and self.mode == "ckks" and hasattr(self.worker, "save_model"):
+            path = Path(self.cfg.node.state_dir).expanduser() / "final_model.pt"
+            self.worker.save_model(path, self.global_model, r)
+            _LOGGER.info("site %s: final model written to %s", self.site, path)
         t0 = time.perf_counter()
         scores = self.worker.evaluate(r, self.global_model)
         eval_s = time.perf_counter() - t0
         dice = {k: _float(scores.get(k)) for k in ("wt", "tc", "et", "mean")}
         hd95 = {k: _float(scores.get(f"hd95_{k}")) for k in ("wt", "tc", "et", "mean")}
+        if self.mode == "ckks":
+            # Metrics computed from a decrypted model go back rounded, never exact
+            # (Li & Micciancio, EUROCRYPT 2021; see crypto.ckks).
+            dice = {k: round(v, 3) for k, v in dice.items()}
+            hd95 = {k: round(v, 1) for k, v in hd95.items()}
         last = self.last_update
         report = wire.MetricsReport(
             dice=dice, hd95=hd95, num_val_cases=self.worker.num_val,

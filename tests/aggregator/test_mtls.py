@@ -157,6 +157,19 @@ def test_kits_hold_only_their_own_secrets(fed_dir):
         assert (kit / "identity.pub").read_bytes() == (agg / "identities" / f"{site}.pub").read_bytes()
     for key in _private_keys(fed_dir):
         assert stat.S_IMODE(os.stat(key).st_mode) == 0o600, key
+    # CKKS: every site holds the shared secret context (0600); the aggregator a public one.
+    from crypto import ckks
+
+    ckks.load_context((agg / "ckks-public.ctx").read_bytes(), expect_secret=False)  # no key
+    for site in SITES:
+        sec = fed_dir / site / "ckks-secret.ctx"
+        assert stat.S_IMODE(os.stat(sec).st_mode) == 0o600
+        ckks.load_context(sec.read_bytes(), expect_secret=True)
+        assert not (fed_dir / site / "ckks-public.ctx").exists()
+    assert not (agg / "ckks-secret.ctx").exists()
+    with pytest.raises(FedbratsError):
+        ckks.load_context((fed_dir / "site-1" / "ckks-secret.ctx").read_bytes(),
+                          expect_secret=False)
 
 
 def test_kit_configs_load_and_reference_their_own_files(fed_dir):
