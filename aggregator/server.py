@@ -128,6 +128,8 @@ class AggregatorCore:
         self._finished = threading.Event()
         self._started = clock()
         self._save_model = save_model or self._save_model_file
+        if ag.record_dir:
+            self.on_receive = _Recorder(Path(ag.record_dir).expanduser(), lambda: self._state.round)
         #: True when the server runs with mutual TLS: every request's site id must equal the
         #: peer certificate's CN.  Set by :func:`run_server`.
         self.require_peer_identity = False
@@ -550,6 +552,27 @@ class AggregatorCore:
     def all_sites_told_done(self) -> bool:
         with self._cond:
             return all(s.told_done for s in self._sites.values())
+
+
+class _Recorder:
+    """Writes what the aggregator receives (``aggregator.record_dir``; experiments only)."""
+
+    def __init__(self, root: Path, current_round) -> None:
+        self.root = root
+        self.current_round = current_round
+        _LOGGER.warning("aggregator.record_dir is set: everything sites send is kept in %s "
+                        "(threat-model experiments only)", root)
+
+    def __call__(self, site: str, stage: str, message) -> None:
+        d = self.root / f"round-{self.current_round():04d}"
+        d.mkdir(parents=True, exist_ok=True)
+        if isinstance(message, dict):
+            np.savez(d / f"{site}-{stage}.npz", **message)
+        else:
+            items = message if isinstance(message, list) else [message]
+            rec = [{k: (v.hex() if isinstance(v, bytes) else v) for k, v in vars(m).items()}
+                   for m in items]
+            (d / f"{site}-{stage}.json").write_text(json.dumps(rec), encoding="utf-8")
 
 
 def _num(v: float) -> float | None:

@@ -185,6 +185,9 @@ class AggregatorConfig:
         max_message_mb: gRPC message size limit, MiB (payloads are chunked at 1 MiB).
         allowed_sites: site ids that may join (their certificates' CN); empty = any site
             with a certificate from the federation CA.
+        record_dir: threat-model experiments: keep everything the aggregator receives from
+            each site (``<round>/<site>-<stage>.npz`` / ``.json``) in this folder; empty = off.
+            Never set in production: it stores what sites sent.
         revoked_sites: site ids refused even with a valid certificate.
     """
 
@@ -197,6 +200,7 @@ class AggregatorConfig:
     max_message_mb: int = 4
     allowed_sites: tuple[str, ...] = ()
     revoked_sites: tuple[str, ...] = ()
+    record_dir: str = ""
 
 
 @dataclass(frozen=True)

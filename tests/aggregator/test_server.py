@@ -166,3 +166,19 @@ def test_non_finite_update_is_excluded_naming_site_and_tensor(served):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "site-2" in ei.value.details() and "conv.bias" in ei.value.details()
     assert core.state.submitted == ()
+
+
+def test_record_dir_keeps_exactly_what_the_aggregator_received(tmp_path):
+    model = small_model()
+    cfg = with_overrides(_cfg(tmp_path), aggregator={"record_dir": str(tmp_path / "rec")})
+    core = AggregatorCore(cfg, model, save_model=_npz_saver)
+    with run_server(core) as port, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = wire.aggregator_stub(ch)
+        join(stub, "site-1")
+        join(stub, "site-2")
+        t = task(stub, "site-1")
+        delta = {k: np.full_like(v, 0.5) for k, v in model.items()}
+        submit(stub, "site-1", 1, delta, t.model_sha256)
+    saved = np.load(tmp_path / "rec" / "round-0001" / "site-1-training.npz")
+    for k in model:
+        np.testing.assert_array_equal(saved[k], delta[k])
