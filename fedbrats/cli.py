@@ -126,7 +126,8 @@ def cmd_simulate(args) -> int:
 def cmd_predict(args) -> int:
     from node.predict import predict_case
 
-    out = predict_case(Path(args.model), Path(args.case), Path(args.out), device=args.device)
+    out = predict_case(Path(args.model), Path(args.case), Path(args.out), device=args.device,
+                       overwrite=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file (final_model.pt)")
     p.add_argument("--case", required=True, help="case folder with the four modalities")
     p.add_argument("--out", required=True, help="output segmentation .nii.gz")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when present, else CPU (default)")
     p.set_defaults(func=cmd_predict)

@@ -90,12 +90,13 @@ def _site_cases(cfg: Config):
     if not root.is_dir():
         raise ConfigError(f"site {site}", [f"data.root: {root} is not a directory"])
     part = Path(cfg.data.partitioning).expanduser() if cfg.data.partitioning else None
-    sites = data.discover_sites(root, partitioning=part)
-    if site not in sites:
-        raise FedbratsError(f"site {site}: no cases for this site under {root} (sites found: "
-                            f"{', '.join(sorted(sites)) or 'none'})")
-    cases = sites[site]
-    data.preflight(cases, labels=cfg.data.labels)
+    found: list = []
+    sites = data.discover_sites(root, partitioning=part, site=site, problems_out=found)
+    cases = sites.get(site, [])
+    # Discovery and preflight problems are reported together, in one error.
+    data.preflight(cases, labels=cfg.data.labels, known_problems=found)
+    if not cases:
+        raise ConfigError(f"site {site}", [f"data.root: no cases for this site under {root}"])
     train, val = data.split_cases(cases, val_fraction=cfg.data.val_fraction,
                                   seed=cfg.federation.seed)
     if not train:

@@ -277,7 +277,13 @@ def _read_partitioning(csv_path: Path) -> list[tuple[int, str, str]]:
     return rows
 
 
-def discover_sites(root: Path, *, partitioning: Path | None = None) -> dict[str, list[Case]]:
+def discover_sites(
+    root: Path,
+    *,
+    partitioning: Path | None = None,
+    site: str | None = None,
+    problems_out: list[DataProblem] | None = None,
+) -> dict[str, list[Case]]:
     """Find the BraTS cases under ``root`` and group them by site.
 
     Site membership comes from, in order of precedence:
@@ -295,6 +301,10 @@ def discover_sites(root: Path, *, partitioning: Path | None = None) -> dict[str,
     Args:
         root: Data root folder.
         partitioning: Optional FeTS partitioning csv.
+        site: Only this site's cases are scanned (a node looks at its own data only: another
+            site's rows in a shared partitioning csv, or another site's folder, are ignored).
+        problems_out: If given, discovery problems are appended here and the cases found are
+            returned anyway, so a caller can report them together with the preflight's.
 
     Returns:
         ``{site_id: [Case, ...]}``, sites and cases in natural sort order.
@@ -321,6 +331,8 @@ def discover_sites(root: Path, *, partitioning: Path | None = None) -> dict[str,
             raise ConfigError(str(partitioning), ["partitioning file does not exist"])
         for line, subject, partition in _read_partitioning(partitioning):
             site_id = f"site-{partition}"
+            if site is not None and site_id != site:
+                continue
             case_dir = root / subject
             if not case_dir.is_dir():
                 problems.append(
@@ -340,8 +352,11 @@ def discover_sites(root: Path, *, partitioning: Path | None = None) -> dict[str,
                 sites[site_id].append(case)
     else:
         site_dirs = _visible_dirs(root)
+        if site is not None:
+            site_dirs = [d for d in site_dirs if d.name == site]
         if not site_dirs:
-            problems.append(DataProblem("-", str(root), "no site folders found"))
+            problems.append(DataProblem("-", str(root), "no site folders found" if site is None
+                                        else f"no folder {site!r} for this site"))
         for site_dir in site_dirs:
             case_dirs = _visible_dirs(site_dir)
             if not case_dirs:
@@ -361,8 +376,10 @@ def discover_sites(root: Path, *, partitioning: Path | None = None) -> dict[str,
                 if case is not None:
                     cases.append(case)
             sites[site_dir.name] = cases
-    if problems:
+    if problems and problems_out is None:
         raise DataError(problems, header=f"data discovery under {root}")
+    if problems_out is not None:
+        problems_out.extend(problems)
     return {
         site: sorted(cases, key=lambda c: _natural_key(c.case_id))
         for site, cases in sorted(sites.items(), key=lambda kv: _natural_key(kv[0]))
@@ -578,7 +595,13 @@ def _check_case(case: Case, valid_labels: tuple[int, ...], labels: str) -> list[
     return problems
 
 
-def preflight(cases: Sequence[Case], *, labels: str) -> None:
+def preflight(
+    cases: Sequence[Case],
+    *,
+    labels: str,
+    require_seg: bool = True,
+    known_problems: Sequence[DataProblem] = (),
+) -> None:
     """Check every file of every case before training starts.
 
     Each file is read completely, one file at a time, and every ``.gz`` stream is decompressed
@@ -591,6 +614,9 @@ def preflight(cases: Sequence[Case], *, labels: str) -> None:
     Args:
         cases: The cases to check (typically one site's).
         labels: Label convention of the federation, a key of :data:`LABEL_CONVENTIONS`.
+        require_seg: Every case must have a segmentation (training and validation need one;
+            ``fedbrats predict`` passes False).
+        known_problems: Problems found earlier (by discovery), reported in the same error.
 
     Raises:
         ConfigError: ``labels`` is not a known convention.
@@ -598,8 +624,13 @@ def preflight(cases: Sequence[Case], *, labels: str) -> None:
             :class:`~fedbrats.errors.DataProblem` naming the case and the file.
     """
     valid_labels = _check_labels_name(labels)
-    problems: list[DataProblem] = []
+    problems: list[DataProblem] = list(known_problems)
     for case in cases:
+        if require_seg and case.seg is None:
+            where = next(iter(case.images.values()), None)
+            folder = str(where.parent) if where is not None else case.case_id
+            problems.append(DataProblem(case.case_id, folder, "no segmentation file (seg): every "
+                                        "training and validation case needs one"))
         problems.extend(_check_case(case, valid_labels, labels))
     if problems:
         raise DataError(problems, header=f"preflight of {len(cases)} case(s)")

@@ -107,6 +107,7 @@ def predict_case(
     *,
     evaluation: EvaluationConfig | None = None,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> Path:
     """Segment the case in ``case_dir`` with the model in ``model_file``; write ``out_file``.
 
@@ -121,7 +122,9 @@ def predict_case(
         model_file: a ``fedbrats-model/1`` file.
         case_dir: folder with ``<ID>_{t1,t1ce,t2,flair}.nii[.gz]`` or
             ``<ID>-{t1n,t1c,t2w,t2f}.nii[.gz]``; a seg file there is ignored.
-        out_file: destination ``.nii.gz`` (or ``.nii``); parent folders are created.
+        out_file: destination ``.nii.gz`` (or ``.nii``); parent folders are created.  An
+            existing file is refused unless ``overwrite``; a file of the input case always.
+        overwrite: replace an existing ``out_file``.
         evaluation: sliding window and threshold; ``None`` = :class:`EvaluationConfig` defaults.
         device: ``auto``, ``cpu`` or ``cuda``.
 
@@ -135,11 +138,19 @@ def predict_case(
     """
     out_file = Path(out_file)
     suffix = _nifti_suffix(out_file)
+    if out_file.exists() and not overwrite:
+        raise FedbratsError(f"{out_file} already exists; refusing to overwrite it (pass "
+                            f"--force to replace it)")
+    if out_file.parent.exists() and not out_file.parent.is_dir():
+        raise FedbratsError(f"cannot write {out_file}: {out_file.parent} is not a folder")
     evaluation = evaluation if evaluation is not None else EvaluationConfig()
     model, meta = load_model_file(model_file)
     labels = meta["labels"]
     case = find_case_files(Path(case_dir))
-    node_data.preflight([case], labels=labels)
+    if out_file.exists() and out_file.resolve().parent == Path(case_dir).resolve():
+        raise FedbratsError(f"{out_file} is a file of the input case {case.case_id}; refusing "
+                            f"to overwrite it even with --force")
+    node_data.preflight([case], labels=labels, require_seg=False)
     sample = node_data.load_case(case)
     item = node_data.val_transforms(labels=labels)({"image": sample["image"], "label": None})
     dev = select_device(device)

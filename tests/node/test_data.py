@@ -379,7 +379,9 @@ def test_k02b_background_exactly_zero_after_val_transforms(tmp_path: Path) -> No
 def test_unlabelled_case_loads_and_validates(tmp_path: Path) -> None:
     case = case_of(write_case(tmp_path, "c0", seg=None))
     assert case.seg is None
-    preflight([case], labels="2023")
+    preflight([case], labels="2023", require_seg=False)  # as predict does
+    with pytest.raises(DataError, match="no segmentation file"):
+        preflight([case], labels="2023")  # training and validation need one
     sample = load_case(case)
     assert sample["label"] is None
     out = val_transforms(labels="2023")(sample)
@@ -575,3 +577,27 @@ def test_split_cases_edge_sizes() -> None:
     assert [len(x) for x in split_cases(_cases(5), val_fraction=0.0, seed=0)] == [5, 0]
     with pytest.raises(ConfigError):
         split_cases(_cases(5), val_fraction=1.0, seed=0)
+
+
+def test_a_site_sees_only_its_own_data_and_gets_discovery_and_preflight_problems_together(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "data"
+    write_case(root / "site-1", "A1")
+    write_case(root / "site-1", "A2", skip=("flair",))  # a preflight problem
+    (root / "site-1" / "EMPTY").mkdir()  # a discovery problem
+    (root / "site-2" / "JUNK").mkdir(parents=True)  # another site's problem: not ours
+    found: list[DataProblem] = []
+    sites = discover_sites(root, site="site-1", problems_out=found)
+    assert list(sites) == ["site-1"] and [c.case_id for c in sites["site-1"]] == ["A1", "A2"]
+    assert len(found) == 1 and "EMPTY" in found[0].path
+    with pytest.raises(DataError) as ei:
+        preflight(sites["site-1"], labels="2021", known_problems=found)
+    msg = str(ei.value)
+    assert "EMPTY" in msg and "A2" in msg and "flair" in msg and "JUNK" not in msg
+    # A shared partitioning csv may list other sites' subjects that are not on this disk.
+    flat = tmp_path / "flat"
+    write_case(flat, "S1")
+    (flat / "parts.csv").write_text("Subject_ID,Partition_ID\nS1,1\nS9,2\n")
+    mine = discover_sites(flat, partitioning=flat / "parts.csv", site="site-1")
+    assert [c.case_id for c in mine["site-1"]] == ["S1"]
