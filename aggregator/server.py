@@ -439,7 +439,13 @@ class AggregatorCore:
                 return wire.SubmitReply(True, True, "duplicate: already counted once")
             self._check_round_stage(env, stage)
             self._received(env.site_id, stage, tensors)
-            self._sum.add(env.site_id, header.metadata.num_samples, tensors)
+            try:
+                self._sum.add(env.site_id, header.metadata.num_samples, tensors)
+            except UpdateRejected:
+                # The site is excluded from this round (case K10): the round goes on without
+                # waiting for it until the deadline.
+                self._apply(sm.Excluded(env.site_id, env.round, self.clock()))
+                raise
             self._round_loss[env.site_id] = header.metadata.train_loss
             _LOGGER.info("round %d stage %s: update from site %s accepted (%d bytes, %s, "
                          "loss %.4f)", env.round, stage, env.site_id, payload.info.total_bytes,
@@ -716,18 +722,23 @@ def run_server(core: AggregatorCore, host: str = "127.0.0.1", port: int = 0,
     Yields:
         The bound port (useful with ``port=0``).
     """
+    # SO_REUSEPORT off: a second aggregator on the same port must fail, not share the port.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
-                         options=grpc_options(max_message_mb))
+                         options=[*grpc_options(max_message_mb), ("grpc.so_reuseport", 0)])
     wire.add_aggregator_servicer(Servicer(core), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    if credentials is not None:
-        bound = server.add_secure_port(f"{host}:{port}", credentials)
-        core.require_peer_identity = True
-    else:
-        bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+            core.require_peer_identity = True
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise FedbratsError(f"aggregator: cannot listen on {host}:{port}")
+        raise FedbratsError(f"aggregator: cannot listen on {host}:{port} (in use by another "
+                            f"process, or not an address of this machine)")
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(wire.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -147,6 +147,16 @@ def UpdateAccepted(site: str, round: int, now: float) -> Submitted:  # noqa: N80
 
 
 @dataclass(frozen=True)
+class Excluded:
+    """``site``'s submission for the current stage of ``round`` was refused (e.g. non-finite
+    values): the stage no longer waits for it, and it sits out later rounds until it rejoins."""
+
+    site: str
+    round: int
+    now: float
+
+
+@dataclass(frozen=True)
 class RoundAggregated:
     round: int
     now: float
@@ -165,7 +175,7 @@ class Abort:
     now: float
 
 
-Event = Tick | SiteJoined | Submitted | RoundAggregated | MetricsReported | Abort
+Event = Tick | SiteJoined | Submitted | Excluded | RoundAggregated | MetricsReported | Abort
 
 
 # Effects --------------------------------------------------------------------------------------
@@ -242,6 +252,8 @@ def advance(state: RoundState, event: Event) -> tuple[RoundState, list[Effect]]:
         return _on_join(state, event)
     if isinstance(event, Submitted):
         return _on_submitted(state, event)
+    if isinstance(event, Excluded):
+        return _on_excluded(state, event)
     if isinstance(event, RoundAggregated):
         return _on_aggregated(state, event)
     if isinstance(event, MetricsReported):
@@ -314,6 +326,20 @@ def _on_submitted(state: RoundState, ev: Submitted) -> tuple[RoundState, list[Ef
         return state, []
     s = replace(state, submitted=tuple(sorted((*state.submitted, ev.site))))
     if set(s.submitted) == set(s.expected):
+        return _close_stage(s, ev.now)
+    return s, []
+
+
+def _on_excluded(state: RoundState, ev: Excluded) -> tuple[RoundState, list[Effect]]:
+    if ev.round != state.round or ev.site not in state.expected or ev.site in state.submitted:
+        return state, []
+    s = replace(state, expected=tuple(x for x in state.expected if x != ev.site),
+                inactive=tuple(sorted({*state.inactive, ev.site})))
+    if s.expected and set(s.submitted) == set(s.expected):
+        if len(s.submitted) < _need(s):
+            return _fail(s, f"round {s.round} stage {s.stage.value}: only {len(s.submitted)} of "
+                            f"the {_need(s)} needed {_WHAT.get(s.stage.value, 'submissions')} "
+                            f"remain after excluding {ev.site}; nothing released")
         return _close_stage(s, ev.now)
     return s, []
 

@@ -155,7 +155,7 @@ def test_wrong_federation_unknown_site_stale_round_are_refused_by_name(served):
 
 def test_non_finite_update_is_excluded_naming_site_and_tensor(served):
     model = small_model()
-    core, stub, _ = served(model)
+    core, stub, _ = served(model, min_sites=1)
     join(stub, "site-1")
     join(stub, "site-2")
     t = task(stub, "site-2")
@@ -166,6 +166,11 @@ def test_non_finite_update_is_excluded_naming_site_and_tensor(served):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "site-2" in ei.value.details() and "conv.bias" in ei.value.details()
     assert core.state.submitted == ()
+    # The round does not wait for the excluded site: site-1's update closes it at once.
+    assert core.state.expected == ("site-1",)
+    assert submit(stub, "site-1", 1, {k: np.zeros_like(v) for k, v in model.items()},
+                  t.model_sha256).accepted
+    assert core.state.completed_round == 1
 
 
 def test_record_dir_keeps_exactly_what_the_aggregator_received(tmp_path):
@@ -182,3 +187,14 @@ def test_record_dir_keeps_exactly_what_the_aggregator_received(tmp_path):
     saved = np.load(tmp_path / "rec" / "round-0001" / "site-1-training.npz")
     for k in model:
         np.testing.assert_array_equal(saved[k], delta[k])
+
+
+def test_second_aggregator_on_the_same_port_fails_clearly(tmp_path):
+    from fedbrats.errors import FedbratsError
+
+    a = AggregatorCore(_cfg(tmp_path / "a"), small_model(), save_model=_npz_saver)
+    b = AggregatorCore(_cfg(tmp_path / "b"), small_model(), save_model=_npz_saver)
+    with run_server(a) as port:
+        with pytest.raises(FedbratsError, match=f"cannot listen on 127.0.0.1:{port}"):
+            with run_server(b, port=port):
+                pass

@@ -199,3 +199,15 @@ def test_site_missing_a_deadline_sits_out_later_rounds_until_it_rejoins():
     s, _ = run(s, sm.UpdateAccepted("site-1", 2, 103), sm.UpdateAccepted("site-2", 2, 103),
                sm.RoundAggregated(2, 104))
     assert s.participants == ("site-1", "site-2", "site-3")
+
+
+def test_excluded_site_no_longer_holds_up_the_round_k10():
+    p = sm.Params(total_rounds=1, expected_sites=4, min_sites=2, join_timeout_s=10,
+                  round_timeout_s=100, metrics_timeout_s=50)
+    s = sm.initial_state(p, 0.0)
+    s, _ = run(s, *[sm.SiteJoined(f"site-{i}", 0) for i in (1, 2, 3, 4)])
+    s, _ = run(s, *[sm.UpdateAccepted(f"site-{i}", 1, 1) for i in (1, 3, 4)])
+    assert s.stage is sm.Stage.TRAINING
+    s, eff = run(s, sm.Excluded("site-2", 1, 2))
+    assert eff == [sm.AggregateRound(1, ("site-1", "site-3", "site-4"))]
+    assert "site-2" in s.inactive
