@@ -19,7 +19,7 @@ from crypto import ckks
 from crypto.errors import CryptoError, CryptoInputError
 from fedbrats import wire
 from fedbrats.config import Config
-from fedbrats.errors import FedbratsError, ProtocolError
+from fedbrats.errors import ConfigError, FedbratsError, ProtocolError
 
 #: Tensor name prefix of ciphertext chunks inside a ``ckks`` payload: ``ct.00000``, ...
 CHUNK_PREFIX = "ct."
@@ -65,7 +65,12 @@ def load_federation_context(cfg: Config, *, secret: bool):
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise FedbratsError(f"ckks.context: cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError(str(path), [f"ckks.context: cannot read: {exc.strerror or exc}"]) \
+            from None
+    if secret:
+        from crypto.pki import check_private_mode
+
+        check_private_mode(Path(path), "ckks.context (the shared CKKS secret key)")
     try:
         return ckks.load_context(data, expect_secret=secret)
     except (CryptoError, CryptoInputError, FedbratsError) as exc:

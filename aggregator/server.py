@@ -43,7 +43,7 @@ from aggregator.aggregate import UpdateRejected, make_secure_sum
 from fedbrats import masking, wire
 from fedbrats.transport import INSECURE_WARNING, grpc_options
 from fedbrats.config import Config, secagg_threshold
-from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted, WireError
+from fedbrats.errors import ConfigError, FedbratsError, ProtocolError, RoundAborted, WireError
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -764,16 +764,18 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials:
     Raises:
         FedbratsError: a TLS file is missing or unreadable (names the field and file).
     """
-    from crypto.pki import read_pem
+    from crypto.pki import check_key_matches_cert, read_pem
 
     t = cfg.tls
     missing = [f"tls.{n}" for n in ("ca_cert", "cert", "key") if not getattr(t, n)]
     if missing:
-        raise FedbratsError(f"aggregator: {', '.join(missing)} not set; run `fedbrats provision` "
-                            f"or pass --insecure for local debugging")
+        raise ConfigError("aggregator", [f"{', '.join(missing)} not set; run `fedbrats "
+                                         f"provision`, or pass --insecure for local debugging"])
+    key, cert = read_pem(t.key, "tls.key", private=True), read_pem(t.cert, "tls.cert")
+    check_key_matches_cert(cert, key, "aggregator")
     return grpc.ssl_server_credentials(
-        [(read_pem(t.key, "tls.key"), read_pem(t.cert, "tls.cert"))],
-        root_certificates=read_pem(t.ca_cert, "tls.ca_cert"), require_client_auth=True)
+        [(key, cert)], root_certificates=read_pem(t.ca_cert, "tls.ca_cert"),
+        require_client_auth=True)
 
 
 def load_resume_point(cfg: Config) -> tuple[dict[str, np.ndarray], int] | None:

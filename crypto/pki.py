@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedbrats.errors import FedbratsError
+from fedbrats.errors import ConfigError, FedbratsError
 
 AGGREGATOR_CN = "aggregator"
 
@@ -149,17 +149,51 @@ def write_private(path: Path, data: bytes) -> None:
     os.chmod(path, 0o600)
 
 
-def read_pem(path: str | Path, what: str) -> bytes:
+def read_pem(path: str | Path, what: str, *, private: bool = False) -> bytes:
     """Read a PEM file named by config field ``what``.
 
+    Args:
+        private: the file holds a private key: refuse it when group or others can read it
+            (as OpenSSH does), since anyone who can read it can impersonate this party.
+
     Raises:
-        FedbratsError: the file is missing or is not PEM.
+        ConfigError: the file is missing, is not PEM, or (private) is readable by others.
     """
     p = Path(path)
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise FedbratsError(f"{what}: cannot read {p}: {exc.strerror or exc}") from None
+        raise ConfigError(str(p), [f"{what}: cannot read: {exc.strerror or exc}"]) from None
     if b"-----BEGIN" not in data:
-        raise FedbratsError(f"{what}: {p} is not a PEM file")
+        raise ConfigError(str(p), [f"{what}: not a PEM file"])
+    if private:
+        check_private_mode(p, what)
     return data
+
+
+def check_private_mode(path: Path, what: str) -> None:
+    """Refuse a private key file that group or others may read (mode must be 0600 or stricter).
+
+    Raises:
+        ConfigError: names the file, its mode and the fix.
+    """
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(str(path), [f"{what}: private key file is readable by others (mode "
+                                      f"{mode:04o}); run `chmod 600 {path}`"])
+
+
+def check_key_matches_cert(cert_pem: bytes, key_pem: bytes, where: str) -> None:
+    """Refuse a TLS key that is not the certificate's (a handshake would fail obscurely).
+
+    Raises:
+        ConfigError: the key does not belong to the certificate, or either does not parse.
+    """
+    try:
+        cert_pub = x509.load_pem_x509_certificate(cert_pem).public_key()
+        key_pub = serialization.load_pem_private_key(key_pem, password=None).public_key()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(where, [f"tls.cert / tls.key: cannot parse ({exc})"]) from None
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if cert_pub.public_bytes(*fmt) != key_pub.public_bytes(*fmt):
+        raise ConfigError(where, ["tls.key is not the private key of tls.cert"])

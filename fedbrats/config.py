@@ -14,6 +14,7 @@ sections reference key and certificate files by path.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from fedbrats.errors import ConfigError
+
+def _path(default: str = "") -> Any:
+    """A field holding a file path: relative paths resolve against the config file's folder."""
+    return field(default=default, metadata={"path": True})
+
 
 SECURE_AGGREGATION_MODES = ("none", "mask", "ckks")
 SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
@@ -74,6 +80,7 @@ class DataConfig:
 
     Attributes:
         root: dataset folder (BraTS 2018–2021, FeTS 2022 or 2023+ layout); empty = synthetic.
+            Like every path in a config file, a relative path is relative to the file's folder.
         partitioning: FeTS ``partitioning_*.csv`` (``Subject_ID``, ``Partition_ID``); empty =
             ``root/partitioning_1.csv`` if present, else per-site folders ``root/<site>/<case>``.
         labels: label convention, ``2021`` (0/1/2/4) or ``2023`` (0/1/2/3).
@@ -81,8 +88,8 @@ class DataConfig:
         synth: synthetic data parameters.
     """
 
-    root: str = ""
-    partitioning: str = ""
+    root: str = _path()
+    partitioning: str = _path()
     labels: str = "2021"
     val_fraction: float = 0.25
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -140,11 +147,6 @@ class EvaluationConfig:
     threshold: float = 0.5
 
 
-def _path(default: str = "") -> Any:
-    """A field holding a file path: relative paths resolve against the config file's folder."""
-    return field(default=default, metadata={"path": True})
-
-
 @dataclass(frozen=True)
 class TLSConfig:
     """Mutual TLS material of one party (written by ``fedbrats provision``).
@@ -177,7 +179,8 @@ class AggregatorConfig:
     Attributes:
         host: address to listen on.
         port: TCP port; 0 picks a free one (written to ``out_dir/aggregator.port``).
-        out_dir: checkpoints, ``metrics.jsonl``, final model.
+        out_dir: checkpoints, ``metrics.jsonl``, final model (relative to the working
+            directory).
         join_timeout_s: how long to wait for ``federation.sites`` to join once
             ``min_sites`` have (s).
         round_timeout_s: deadline for updates in one round, from the round's start (s).
@@ -200,7 +203,7 @@ class AggregatorConfig:
     max_message_mb: int = 4
     allowed_sites: tuple[str, ...] = ()
     revoked_sites: tuple[str, ...] = ()
-    record_dir: str = ""
+    record_dir: str = _path()
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ class NodeConfig:
     Attributes:
         site_id: this site's id (``site-1``); selects its cases from the dataset.
         aggregator: ``host:port`` of the aggregator.
-        state_dir: where the site keeps its state (local model, logs).
+        state_dir: where the site keeps its state (relative to the working directory).
         connect_timeout_s: how long to retry reaching the aggregator (s).
         identity_key: the site's Ed25519 identity private key (PEM, 0600), used to sign
             secure-aggregation key advertisements.
@@ -409,7 +412,8 @@ def _convert(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value))
         return ok, float(value) if ok else value
     if hint is str:
         return isinstance(value, str), value
@@ -485,8 +489,8 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     for name in ("join_timeout_s", "round_timeout_s", "metrics_timeout_s"):
         v = getattr(ag, name)
         need(v > 0, f"aggregator.{name}", f"must be > 0 s, got {v}")
-    need(ag.max_message_mb >= 2, "aggregator.max_message_mb",
-         f"must be >= 2 MiB (chunks are 1 MiB), got {ag.max_message_mb}")
+    need(2 <= ag.max_message_mb <= 1024, "aggregator.max_message_mb",
+         f"must be in [2, 1024] MiB (payloads stream in 1 MiB chunks), got {ag.max_message_mb}")
     for name in ("allowed_sites", "revoked_sites"):
         for site in getattr(ag, name):
             need(_valid_site_id(site), f"aggregator.{name}", f"invalid site id {site!r}")
@@ -538,6 +542,10 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
          f"must be > 0 s, got {cfg.node.connect_timeout_s}")
 
 
+#: Names a site id may not take: the aggregator's CN and the folders of a provisioned federation.
+RESERVED_IDS = ("aggregator", "ca", "identities")
+
+
 def secagg_threshold(cfg: Config) -> int:
     """The effective Shamir threshold t (``secagg.threshold``, or ``sites // 2 + 1`` if 0)."""
     return cfg.secagg.threshold or cfg.federation.sites // 2 + 1
@@ -546,7 +554,7 @@ def secagg_threshold(cfg: Config) -> int:
 def _valid_site_id(site: str) -> bool:
     """Site ids: 1–64 of letters, digits, ``-``, ``_``, ``.``, starting with a letter or digit
     (so ``.`` and ``..`` are not ids: a site id names a folder); ``aggregator`` is reserved."""
-    return (0 < len(site) <= 64 and site != "aggregator" and site[0].isascii()
+    return (0 < len(site) <= 64 and site not in RESERVED_IDS and site[0].isascii()
             and site[0].isalnum()
             and all(c.isascii() and (c.isalnum() or c in "-_.") for c in site))
 

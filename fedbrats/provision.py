@@ -79,7 +79,8 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
     for s in sites:
         if not _valid_site_id(s):
             problems.append(f"--sites: invalid site id {s!r} (letters, digits, '-', '_', '.', "
-                            f"starting with a letter or digit; not 'aggregator')")
+                            f"starting with a letter or digit; not 'aggregator', 'ca' or "
+                            f"'identities')")
     if len(set(sites)) != len(sites):
         problems.append("--sites: site ids must be unique")
     try:
@@ -87,9 +88,30 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
     except ConfigError as exc:
         problems.extend(exc.problems)
         host, port = "", 0
+    if host and not _valid_host(host):
+        problems.append(f"--aggregator: {host!r} is not a host name or IP address (no scheme, "
+                        f"spaces or paths: e.g. agg.example.org:50051)")
+    if days < 1:
+        problems.append(f"--days: certificate validity must be >= 1 day, got {days}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out: {out} exists and is not a folder")
+    base = base or Config()
+    if not problems:
+        # Every party's config is validated before anything is written.
+        raw = _party_raw(base, federation, sites)
+        for site in sites:
+            try:
+                config_from_dict(_site_raw(raw, site, host, port), source=f"{site}.toml")
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                break
+        try:
+            config_from_dict(_aggregator_raw(raw, sites, port), source="aggregator.toml")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     if problems:
         raise ConfigError("provision arguments", problems)
-    out = Path(out)
     if out.exists() and any(out.iterdir()):
         if not force:
             what = "a provisioned federation" if (out / MANIFEST).exists() else "other files"
@@ -100,7 +122,6 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
                                 f"refusing to delete them even with --force")
         shutil.rmtree(out)
     now = now or dt.datetime.now(dt.timezone.utc)
-    base = base or Config()
     out.mkdir(parents=True, exist_ok=True)
 
     ca = pki.make_ca(federation, now=now, days=max(days, 3650))
@@ -116,9 +137,7 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
     (agg_dir / "aggregator.crt").write_bytes(server.cert_pem)
     pki.write_private(agg_dir / "aggregator.key", server.key_pem)
 
-    raw = to_dict(base)
-    raw["federation"].update(name=federation, sites=len(sites),
-                             min_sites=min(base.federation.min_sites, len(sites)))
+    raw = _party_raw(base, federation, sites)
     ckks_fp = _make_ckks(base, len(sites), out, agg_dir, sites)
     manifest = {
         "federation": federation,
@@ -142,12 +161,7 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         (kit / "identity.pub").write_bytes(id_pub)
         (agg_dir / "identities" / f"{site}.pub").write_bytes(id_pub)
         identities[site] = id_pub
-        site_raw = json.loads(json.dumps(raw))
-        site_raw["node"].update(site_id=site, aggregator=f"{_bracket(host)}:{port}",
-                                state_dir="state", identity_key="identity.key",
-                                identities_dir="identities")
-        site_raw["tls"] = {"ca_cert": "ca.crt", "cert": f"{site}.crt", "key": f"{site}.key",
-                           "server_name": host}
+        site_raw = _site_raw(raw, site, host, port)
         if ckks_fp:
             site_raw["ckks"]["context"] = "ckks-secret.ctx"
         _write_toml(kit / f"{site}.toml", site_raw)
@@ -159,11 +173,7 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         (out / site / "identities").mkdir()
         for other, pub in identities.items():
             (out / site / "identities" / f"{other}.pub").write_bytes(pub)
-    agg_raw = json.loads(json.dumps(raw))
-    agg_raw["aggregator"].update(host="0.0.0.0", port=port, out_dir="runs",
-                                 allowed_sites=list(sites), revoked_sites=[])
-    agg_raw["tls"] = {"ca_cert": "ca.crt", "cert": "aggregator.crt", "key": "aggregator.key",
-                      "server_name": ""}
+    agg_raw = _aggregator_raw(raw, sites, port)
     if ckks_fp:
         agg_raw["ckks"]["context"] = "ckks-public.ctx"
     _write_toml(agg_dir / "aggregator.toml", agg_raw)
@@ -197,6 +207,45 @@ def _make_ckks(base: Config, n_sites: int, out: Path, agg_dir: Path, sites: list
         (out / site).mkdir(exist_ok=True)
         pki.write_private(out / site / "ckks-secret.ctx", fc.secret)
     return fc.fingerprint
+
+
+def _valid_host(host: str) -> bool:
+    try:
+        import ipaddress
+
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    return 0 < len(host) <= 253 and all(
+        0 < len(label) <= 63 and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
+        and not label.startswith("-") for label in host.split("."))
+
+
+def _party_raw(base: Config, federation: str, sites: list[str]) -> dict:
+    raw = to_dict(base)
+    raw["federation"].update(name=federation, sites=len(sites),
+                             min_sites=min(base.federation.min_sites, len(sites)))
+    return raw
+
+
+def _site_raw(raw: dict, site: str, host: str, port: int) -> dict:
+    site_raw = json.loads(json.dumps(raw))
+    site_raw["node"].update(site_id=site, aggregator=f"{_bracket(host)}:{port}",
+                            state_dir="state", identity_key="identity.key",
+                            identities_dir="identities")
+    site_raw["tls"] = {"ca_cert": "ca.crt", "cert": f"{site}.crt", "key": f"{site}.key",
+                       "server_name": host}
+    return site_raw
+
+
+def _aggregator_raw(raw: dict, sites: list[str], port: int) -> dict:
+    agg_raw = json.loads(json.dumps(raw))
+    agg_raw["aggregator"].update(host="0.0.0.0", port=port, out_dir="runs",
+                                 allowed_sites=list(sites), revoked_sites=[])
+    agg_raw["tls"] = {"ca_cert": "ca.crt", "cert": "aggregator.crt", "key": "aggregator.key",
+                      "server_name": ""}
+    return agg_raw
 
 
 def _bracket(host: str) -> str:

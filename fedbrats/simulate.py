@@ -216,9 +216,20 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
     t_start = time.perf_counter()
     drops = dict(drops or {})
     unknown = [s for s in drops if s not in {f"site-{i}" for i in range(1, cfg.federation.sites + 1)}]
+    stages = {"none": ("training", "result"), "ckks": ("training", "result")}.get(
+        cfg.federation.secure_aggregation,
+        ("advertise_keys", "share_keys", "masked_input", "unmask", "result"))
+    bad = [f"{site}:{stage}" for site, stage in drops.items() if stage not in stages]
+    problems = []
     if unknown:
-        raise ConfigError("--drop", [f"unknown site(s) {', '.join(unknown)}: the simulation has "
-                                     f"site-1..site-{cfg.federation.sites}"])
+        problems.append(f"unknown site(s) {', '.join(unknown)}: the simulation has "
+                        f"site-1..site-{cfg.federation.sites}")
+    if bad:
+        problems.append(f"{', '.join(bad)}: secure_aggregation = "
+                        f"{cfg.federation.secure_aggregation!r} has no such stage (its stages: "
+                        f"{', '.join(stages)})")
+    if problems:
+        raise ConfigError("--drop", problems)
     out = out.expanduser().resolve()
     if out.exists() and any(out.iterdir()):
         ours = {"metrics.jsonl", "events.jsonl", "summary.json", "final_model.pt",

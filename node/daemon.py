@@ -494,7 +494,7 @@ def open_channel(cfg: Config, *, insecure: bool = False) -> grpc.Channel:
     Raises:
         FedbratsError: TLS material missing or unreadable (names the field and file).
     """
-    from crypto.pki import read_pem
+    from crypto.pki import check_key_matches_cert, read_pem
 
     opts = grpc_options(cfg.aggregator.max_message_mb)
     if insecure:
@@ -502,12 +502,14 @@ def open_channel(cfg: Config, *, insecure: bool = False) -> grpc.Channel:
     t = cfg.tls
     missing = [f"tls.{n}" for n in ("ca_cert", "cert", "key") if not getattr(t, n)]
     if missing:
-        raise FedbratsError(f"site {cfg.node.site_id}: {', '.join(missing)} not set; use the kit "
-                            f"from `fedbrats provision` or pass --insecure for local debugging")
+        raise ConfigError(f"site {cfg.node.site_id}", [
+            f"{', '.join(missing)} not set; use the kit from `fedbrats provision`, or pass "
+            f"--insecure for local debugging"])
+    key, cert = read_pem(t.key, "tls.key", private=True), read_pem(t.cert, "tls.cert")
+    check_key_matches_cert(cert, key, f"site {cfg.node.site_id}")
     creds = grpc.ssl_channel_credentials(
-        root_certificates=read_pem(t.ca_cert, "tls.ca_cert"),
-        private_key=read_pem(t.key, "tls.key"),
-        certificate_chain=read_pem(t.cert, "tls.cert"))
+        root_certificates=read_pem(t.ca_cert, "tls.ca_cert"), private_key=key,
+        certificate_chain=cert)
     if t.server_name:
         opts.append(("grpc.ssl_target_name_override", t.server_name))
     return grpc.secure_channel(cfg.node.aggregator, creds, options=opts)
@@ -523,9 +525,9 @@ def make_masking_client(cfg: Config):
 
     missing = [f"node.{n}" for n in ("identity_key", "identities_dir") if not getattr(cfg.node, n)]
     if missing:
-        raise FedbratsError(f"site {cfg.node.site_id}: secure_aggregation = 'mask' needs "
-                            f"{' and '.join(missing)} (from the site kit of `fedbrats "
-                            f"provision`)")
+        raise ConfigError(f"site {cfg.node.site_id}", [
+            f"secure_aggregation = 'mask' needs {' and '.join(missing)} (from the site kit of "
+            f"`fedbrats provision`)"])
     return MaskingClient(cfg, cfg.node.site_id, load_identity_key(cfg.node.identity_key),
                          load_identities(cfg.node.identities_dir))
 
@@ -545,7 +547,7 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
             missing TLS material or identity keys.
     """
     if not cfg.node.site_id:
-        raise FedbratsError("node.site_id is empty: say which site this node is")
+        raise ConfigError("node", ["node.site_id is empty: say which site this node is"])
     if insecure:
         from fedbrats.transport import INSECURE_WARNING
 
@@ -553,6 +555,10 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
     else:
         open_channel(cfg).close()  # fail on missing TLS material before the preflight
     masking = make_masking_client(cfg) if cfg.federation.secure_aggregation == "mask" else None
+    if cfg.federation.secure_aggregation == "ckks":
+        from aggregator.ckks import load_federation_context
+
+        load_federation_context(cfg, secret=True)  # fail on a bad context before the preflight
     session = SiteSession(cfg, Node(cfg), masking)
     with open_channel(cfg, insecure=insecure) as channel:
         try:

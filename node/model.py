@@ -53,7 +53,7 @@ import torch
 from monai.networks.nets import SegResNet
 
 from fedbrats.config import LABEL_CONVENTIONS, MODEL_PRESETS, ModelConfig
-from fedbrats.errors import FedbratsError
+from fedbrats.errors import ConfigError, FedbratsError
 
 MODEL_FILE_FORMAT = "fedbrats-model/1"
 """Format tag written into every model file; a file with another tag is refused."""
@@ -132,7 +132,7 @@ def select_device(name: str) -> torch.device:
         name: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
 
     Raises:
-        FedbratsError: ``cuda`` was asked for but CUDA is not available, or ``name`` is unknown.
+        ConfigError: ``cuda`` was asked for but CUDA is not available, or ``name`` is unknown.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -141,13 +141,11 @@ def select_device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA support"
-            raise FedbratsError(
-                f"training.device = 'cuda' but CUDA is not available (torch {torch.__version__}, "
-                f"built with {build}, {torch.cuda.device_count()} GPU(s) visible); "
-                "use 'auto' or 'cpu'"
-            )
+            raise ConfigError("training.device", [
+                f"'cuda' but CUDA is not available (torch {torch.__version__}, built with "
+                f"{build}, {torch.cuda.device_count()} GPU(s) visible); use 'auto' or 'cpu'"])
         return torch.device("cuda")
-    raise FedbratsError(f"training.device: must be one of auto, cpu, cuda, got {name!r}")
+    raise ConfigError("training.device", [f"must be one of auto, cpu, cuda, got {name!r}"])
 
 
 # ---------------------------------------------------------------------------------------------

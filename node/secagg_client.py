@@ -77,7 +77,11 @@ def load_identity_key(path: str | Path) -> bytes:
     Raises:
         FedbratsError: unreadable or not an Ed25519 private key (names the file).
     """
+    from crypto.pki import check_private_mode
+
     p = Path(path)
+    if p.exists():
+        check_private_mode(p, "node.identity_key")
     try:
         return primitives.ed25519_private_raw_from_pem(p.read_bytes())
     except (CryptoInputError, OSError):
@@ -263,6 +267,10 @@ class MaskingClient:
                 nothing is masked or sent.
         """
         r = self._round(round, "received")
+        for name, v in delta.items():
+            if not np.all(np.isfinite(v)):
+                raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the "
+                                    f"update: tensor {name} holds non-finite values (NaN/inf)")
         flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in delta.values()])
         try:
             q, clipped = quantize.quantize(flat, self.params, seed=os.urandom(16), weight=weight)

@@ -132,7 +132,9 @@ class TrainResult:
 
     Attributes:
         steps: optimiser steps taken (``training.local_steps``).
-        mean_loss: mean training loss over those steps (Dice loss, in [0, 1]).
+        mean_loss: mean training loss over those steps (Dice loss, in [0, 1]; under DP-SGD the
+            per-sample Dice + cross-entropy of :func:`make_dp_loss` over the non-empty Poisson
+            batches, NaN if every batch of the round was empty).
         num_samples: number of training cases, the FedAvg weight.
         seconds: wall time of the round, s.
     """
@@ -554,8 +556,10 @@ def _setup_dp(trainer: LocalTrainer, dp_cfg: DPConfig, planned_rounds: int | Non
         from opacus.accountants.utils import get_noise_multiplier
 
         try:
-            sigma = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
-                                               steps=planned_rounds * steps, accountant=dp_cfg.accountant))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Opacus: "optimal order is the largest alpha"
+                sigma = float(get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=q,
+                                                   steps=planned_rounds * steps, accountant=dp_cfg.accountant))
         except ValueError as exc:
             raise FedbratsError(f"{where}dp.target_epsilon = {target:g} is unreachable for q = {q:.4g} over "
                                 f"{planned_rounds * steps} steps (δ = {delta:g}): {exc}") from exc

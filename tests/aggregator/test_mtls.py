@@ -210,3 +210,17 @@ def test_server_certificate_names_the_given_host(tmp_path):
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "agg.example.org" in sans.get_values_for_type(x509.DNSName)
     assert "127.0.0.1" not in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+
+
+def test_provision_validates_every_party_config_before_writing_anything(tmp_path):
+    from fedbrats.config import Config
+
+    out = tmp_path / "fed"
+    with pytest.raises(ConfigError, match="needs at least 2 sites"):
+        provision(out, federation="f", sites=["site-1"], aggregator="h:1", base=Config())
+    assert not out.exists()  # no half-written federation to block the retry
+    with pytest.raises(ConfigError, match="not a host name"):
+        provision(out, federation="f", sites=["a", "b"], aggregator="https://h:1")
+    with pytest.raises(ConfigError, match="'ca'"):
+        provision(out, federation="f", sites=["ca", "b"], aggregator="h:1")
+    assert not out.exists()
