@@ -123,6 +123,7 @@ class AggregatorCore:
             self._sum = make_secure_sum(fed.secure_aggregation)
         self._global = initial_model
         self._global_payload = wire.pack_tensors(initial_model)
+        self.model_signature = wire.model_signature(initial_model)
         self._result_payloads: dict[int, wire.Payload] = {}
         self._round_loss: dict[str, float] = {}
         self._finished = threading.Event()
@@ -353,6 +354,14 @@ class AggregatorCore:
                 raise ProtocolError(f"site {env.site_id}: the federation has ended")
             if info.num_train_samples < 1:
                 raise ProtocolError(f"site {env.site_id}: needs at least one training case")
+            if info.secure_aggregation and info.secure_aggregation != self.mode:
+                raise ProtocolError(f"site {env.site_id} is configured for secure_aggregation = "
+                                    f"{info.secure_aggregation!r}, but federation "
+                                    f"{self.federation_id!r} runs {self.mode!r}")
+            if info.model_signature and info.model_signature != self.model_signature:
+                raise ProtocolError(f"site {env.site_id}: its [model] section builds a different "
+                                    f"network than the federation's (tensor names or shapes "
+                                    f"differ); use the federation's model settings")
             rejoin = env.site_id in self._sites
             self._sites[env.site_id] = _Site(info.num_train_samples, info.num_val_samples,
                                              info.device)

@@ -315,6 +315,16 @@ class JoinInfo:
     num_train_samples: int
     num_val_samples: int
     device: str
+    secure_aggregation: str = ""
+    model_signature: bytes = b""
+
+
+def model_signature(tensors: Mapping[str, np.ndarray]) -> bytes:
+    """SHA-256 over the names, dtypes and shapes of a model's tensors (its architecture)."""
+    h = hashlib.sha256()
+    for name, arr in tensors.items():
+        h.update(f"{name}:{np.asarray(arr).dtype.name}:{tuple(np.shape(arr))};".encode())
+    return h.digest()
 
 
 @dataclass(frozen=True)
@@ -371,12 +381,15 @@ class MetricsReport:
 
 def join_request(env: Envelope, info: JoinInfo) -> pb.JoinRequest:
     return pb.JoinRequest(envelope=envelope_to_pb(env), num_train_samples=info.num_train_samples,
-                          num_val_samples=info.num_val_samples, device=info.device)
+                          num_val_samples=info.num_val_samples, device=info.device,
+                          secure_aggregation=info.secure_aggregation,
+                          model_signature=info.model_signature)
 
 
 def decode_join_request(req: pb.JoinRequest) -> tuple[Envelope, JoinInfo]:
     return envelope_from_pb(req.envelope), JoinInfo(
-        int(req.num_train_samples), int(req.num_val_samples), req.device)
+        int(req.num_train_samples), int(req.num_val_samples), req.device,
+        req.secure_aggregation, bytes(req.model_signature))
 
 
 def join_response(r: JoinReply) -> pb.JoinResponse:

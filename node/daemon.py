@@ -129,6 +129,9 @@ class Node:
         seed = cfg.federation.seed * 1000 + _site_number(self.site)
         seed_everything(seed)
         self.model = build_model(cfg.model)
+        from node.model import state_to_numpy
+
+        self.model_signature = wire.model_signature(state_to_numpy(self.model))
         self.trainer = LocalTrainer(self.model, self.train_cases, cfg.training, cfg.data.labels,
                                     self._device, seed)
 
@@ -238,7 +241,8 @@ class SiteSession:
     def run(self, channel: grpc.Channel) -> int:
         """Follow the aggregator's tasks until the federation ends; returns the exit code."""
         stub = wire.aggregator_stub(channel)
-        info = wire.JoinInfo(self.worker.num_train, self.worker.num_val, self.worker.device)
+        info = wire.JoinInfo(self.worker.num_train, self.worker.num_val, self.worker.device,
+                             self.mode, getattr(self.worker, "model_signature", b""))
         if self.mode == "mask" and info.num_train_samples > self.cfg.secagg.max_weight:
             raise FedbratsError(f"site {self.site}: {info.num_train_samples} training cases "
                                 f"exceed secagg.max_weight = {self.cfg.secagg.max_weight}")

@@ -214,16 +214,20 @@ class UnmaskResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("envelope", "num_train_samples", "num_val_samples", "device")
+    __slots__ = ("envelope", "num_train_samples", "num_val_samples", "device", "secure_aggregation", "model_signature")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NUM_VAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     num_train_samples: int
     num_val_samples: int
     device: str
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., num_train_samples: _Optional[int] = ..., num_val_samples: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+    secure_aggregation: str
+    model_signature: bytes
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., num_train_samples: _Optional[int] = ..., num_val_samples: _Optional[int] = ..., device: _Optional[str] = ..., secure_aggregation: _Optional[str] = ..., model_signature: _Optional[bytes] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("accepted", "message", "total_rounds", "expected_sites")

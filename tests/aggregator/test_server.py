@@ -198,3 +198,20 @@ def test_second_aggregator_on_the_same_port_fails_clearly(tmp_path):
         with pytest.raises(FedbratsError, match=f"cannot listen on 127.0.0.1:{port}"):
             with run_server(b, port=port):
                 pass
+
+
+def test_join_refuses_a_site_configured_for_another_mode_or_model(served):
+    model = small_model()
+    _, stub, _ = served(model)
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Join(wire.join_request(env("site-1", stage="joining"),
+                                    wire.JoinInfo(5, 1, "cpu", "mask")))
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "'mask'" in ei.value.details() and "'none'" in ei.value.details()
+    other = {"conv.weight": np.zeros((16, 3, 3), np.float32), "conv.bias": np.zeros(16, np.float32)}
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Join(wire.join_request(env("site-1", stage="joining"),
+                                    wire.JoinInfo(5, 1, "cpu", "none", wire.model_signature(other))))
+    assert "different network" in ei.value.details()
+    ok = wire.JoinInfo(5, 1, "cpu", "none", wire.model_signature(model))
+    assert wire.decode_join_response(stub.Join(wire.join_request(env("site-1", stage="joining"), ok))).accepted
