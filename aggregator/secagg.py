@@ -221,10 +221,13 @@ class MaskedRound:
         if not 1 <= weight <= len(self.u3) * self.params.max_weight:
             raise RoundAborted(f"round {self.round}: unmask: the unmasked total weight {weight} is "
                                f"impossible for {len(self.u3)} site(s); masks did not cancel")
-        try:
-            mean = quant.dequantize_sum(total[:-1], params=self.params, total_weight=weight)
-        except (CryptoError, CryptoInputError) as exc:
-            raise RoundAborted(f"round {self.round}: unmask: {exc}") from None
+        if "site-distributed" in self.cfg.dp.mode:
+            mean = self._decode_noisy(total[:-1], weight)
+        else:
+            try:
+                mean = quant.dequantize_sum(total[:-1], params=self.params, total_weight=weight)
+            except (CryptoError, CryptoInputError) as exc:
+                raise RoundAborted(f"round {self.round}: unmask: {exc}") from None
         out: dict[str, np.ndarray] = {}
         offset = 0
         for name, ref in self.model.items():
@@ -232,6 +235,24 @@ class MaskedRound:
             out[name] = mean[offset:offset + n].reshape(np.asarray(ref).shape).astype(np.float32)
             offset += n
         return out, weight
+
+
+    def _decode_noisy(self, total: np.ndarray, weight: int) -> np.ndarray:
+        """Decode a sum that carries distributed Skellam noise (``site-distributed``).
+
+        The noise is signed, so a coordinate near 0 may have wrapped below it: the sum is read
+        in the centred representative (values in the top half of the modulus are negative), then
+        the affine quantisation map is inverted (Agarwal, Kairouz, Liu, NeurIPS 2021).
+        """
+        m = self.params.modulus_bits
+        t = total.astype(np.uint64)
+        if m == 32:
+            signed = t.astype(np.int64)
+            signed[signed >= (1 << 31)] -= (1 << 32)
+        else:
+            signed = t.view(np.int64)
+        step = 2.0 * float(self.params.clip) / self.params.levels
+        return signed.astype(np.float64) * step / weight - float(self.params.clip)
 
 
 class MaskedFedAvg:

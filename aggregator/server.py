@@ -555,8 +555,13 @@ class AggregatorCore:
                 "num_val_cases": m.num_val_cases, "train_loss": _num(m.train_loss),
                 "train_seconds": round(m.train_seconds, 3), "eval_seconds": round(m.eval_seconds, 3),
             }
-            if self.mode == "mask":
+            if self.mode in ("mask", "ckks"):
                 rec["clipped_values"] = m.clipped_values
+            if m.epsilon_sample or m.epsilon_site:
+                rec["dp"] = {"epsilon_sample": _num(m.epsilon_sample) if m.epsilon_sample else None,
+                             "delta_sample": m.delta_sample or None,
+                             "epsilon_site": _num(m.epsilon_site) if m.epsilon_site else None,
+                             "delta_site": m.delta_site or None}
             with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
             _LOGGER.info("round %d: site %s Dice WT %.3f TC %.3f ET %.3f mean %.3f", env.round,

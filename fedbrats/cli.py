@@ -8,11 +8,12 @@ Subcommands::
     fedbrats node        --config site-1.toml [--insecure]
     fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR]
                          [--secure-agg none|mask|ckks] [--drop SITE:STAGE ...] [--insecure]
+    fedbrats privacy report --site-state DIR
     fedbrats predict     --model FILE --case DIR --out FILE.nii.gz
 
 Exit codes: 0 success; 1 other fedbrats error; 2 configuration error; 3 input data error (the
 preflight lists every problem); 4 malformed payload; 5 protocol refusal; 6 round aborted
-(too few sites); 7 aggregator unreachable; 130 interrupted.
+(too few sites); 7 aggregator unreachable; 8 privacy budget exhausted; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -110,8 +111,12 @@ def cmd_simulate(args) -> int:
         data["root"] = str(Path(args.data).expanduser().resolve())
     if args.secure_agg is not None:
         fed["secure_aggregation"] = args.secure_agg
-    if fed or data:
-        cfg = with_overrides(cfg, federation=fed, data=data)
+    dpo = {}
+    if args.dp is not None:
+        dpo["mode"] = [] if args.dp.strip() in ("", "none") else [
+            m.strip() for m in args.dp.split(",") if m.strip()]
+    if fed or data or dpo:
+        cfg = with_overrides(cfg, federation=fed, data=data, dp=dpo)
     drops = {}
     for d in args.drop or []:
         site, sep, stage = d.partition(":")
@@ -121,6 +126,13 @@ def cmd_simulate(args) -> int:
         drops[site] = stage
     _warn_insecure(args)
     return simulate(cfg, Path(args.out), insecure=args.insecure, drops=drops, force=args.force)
+
+
+def cmd_privacy_report(args) -> int:
+    from node.accounting import format_report, privacy_report
+
+    print(format_report(privacy_report(Path(args.site_state))))
+    return 0
 
 
 def cmd_predict(args) -> int:
@@ -183,11 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace a previous run in --out (its outputs are deleted)")
     sim.add_argument("--secure-agg", choices=["none", "mask", "ckks"],
                      help="override federation.secure_aggregation")
+    sim.add_argument("--dp", metavar="MECH[,MECH]",
+                     help="override dp.mode: 'none' or a comma list of dp-sgd, site-local, "
+                          "site-distributed, svt, partial")
     sim.add_argument("--drop", action="append", metavar="SITE:STAGE",
                      help="fault injection: SITE vanishes when it reaches STAGE (repeatable)")
     sim.add_argument("--insecure", action="store_true",
                      help="skip the throwaway federation's mutual TLS (" + insecure_help + ")")
     sim.set_defaults(func=cmd_simulate)
+
+    pr = sub.add_parser("privacy", help="differential-privacy accounting")
+    prsub = pr.add_subparsers(dest="privacy_command", required=True)
+    rep = prsub.add_parser("report", help="epsilon spent, delta, budget left and mechanism "
+                                          "parameters of one site")
+    rep.add_argument("--site-state", required=True, help="the site's node.state_dir")
+    rep.set_defaults(func=cmd_privacy_report)
 
     p = sub.add_parser("predict", help="segment one case with a trained model")
     p.add_argument("--model", required=True, help="model file (final_model.pt)")

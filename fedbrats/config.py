@@ -31,6 +31,8 @@ def _path(default: str = "") -> Any:
 SECURE_AGGREGATION_MODES = ("none", "mask", "ckks")
 SECAGG_STAGES = ("advertise_keys", "share_keys", "masked_input", "unmask")
 DROP_STAGES = ("training", "result", *SECAGG_STAGES)
+DP_MECHANISMS = ("dp-sgd", "site-local", "site-distributed", "svt", "partial")
+DP_ACCOUNTANTS = ("rdp", "prv")
 DP_MODES = ("none",)
 LABEL_CONVENTIONS = ("2021", "2023")
 MODEL_PRESETS = ("cpu-small", "paper")
@@ -538,6 +540,34 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
                          max_weight=ck.max_weight)
         except ConfigError as exc:
             problems.extend(f"ckks: {p}" for p in exc.problems)
+    dp = cfg.dp
+    modes = tuple(dp.mode)
+    bad = [m for m in modes if m not in DP_MECHANISMS]
+    need(not bad, "dp.mode", f"unknown mechanism(s) {bad}; known: {', '.join(DP_MECHANISMS)}")
+    need(len(set(modes)) == len(modes), "dp.mode", f"lists a mechanism twice: {list(modes)}")
+    need(not ("site-local" in modes and "site-distributed" in modes), "dp.mode",
+         "choose one of 'site-local' and 'site-distributed', not both")
+    need(not ("site-distributed" in modes and fed.secure_aggregation == "none"), "dp.mode",
+         "'site-distributed' adds only a share of the noise at each site and needs secure "
+         "aggregation, but federation.secure_aggregation is 'none' (use 'mask' or 'ckks', or "
+         "'site-local')")
+    need(not ("partial" in modes and "site-distributed" in modes), "dp.mode",
+         "'partial' cannot follow 'site-distributed' (selecting the largest coordinates of one "
+         "site's weakly noised share would leak them)")
+    need(dp.accountant in DP_ACCOUNTANTS, "dp.accountant",
+         f"must be one of {DP_ACCOUNTANTS}, got {dp.accountant!r}")
+    for name in ("noise_multiplier", "target_epsilon", "epsilon_budget"):
+        need(getattr(dp, name) >= 0, f"dp.{name}", f"must be >= 0, got {getattr(dp, name)}")
+    if "dp-sgd" in modes:
+        need(dp.noise_multiplier > 0 or dp.target_epsilon > 0, "dp.noise_multiplier",
+             "DP-SGD needs noise_multiplier > 0 or target_epsilon > 0")
+    for name in ("max_grad_norm", "site_clip", "site_noise_multiplier", "svt_epsilon",
+                 "svt_gamma"):
+        need(getattr(dp, name) > 0, f"dp.{name}", f"must be > 0, got {getattr(dp, name)}")
+    for name in ("delta", "site_delta"):
+        need(0 < getattr(dp, name) < 1, f"dp.{name}", f"must be in (0, 1), got {getattr(dp, name)}")
+    for name in ("svt_fraction", "partial_fraction"):
+        need(0 < getattr(dp, name) <= 1, f"dp.{name}", f"must be in (0, 1], got {getattr(dp, name)}")
     need(cfg.node.connect_timeout_s > 0, "node.connect_timeout_s",
          f"must be > 0 s, got {cfg.node.connect_timeout_s}")
 

@@ -166,6 +166,25 @@ def _f(v) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _dp_summary(cfg: Config, final: list[dict]) -> dict:
+    """The ``dp`` block: mechanisms, and the largest ε any site reported after the last round
+    (sample-level DP-SGD and site-level update noise, each with its δ).  ``epsilon``/``delta``
+    repeat the site-level pair when there is one (the guarantee about a whole site's data),
+    else the sample-level pair (about one patient)."""
+    modes = list(cfg.dp.mode)
+    out: dict = {"mode": "+".join(modes) if modes else "none"}
+    for kind in ("sample", "site"):
+        eps = [r["dp"][f"epsilon_{kind}"] for r in final
+               if r.get("dp") and r["dp"].get(f"epsilon_{kind}") is not None]
+        dl = [r["dp"][f"delta_{kind}"] for r in final
+              if r.get("dp") and r["dp"].get(f"delta_{kind}") is not None]
+        out[f"epsilon_{kind}"] = round(max(eps), 4) if eps else None
+        out[f"delta_{kind}"] = max(dl) if dl else None
+    primary = "site" if out["epsilon_site"] is not None else "sample"
+    out["epsilon"], out["delta"] = out[f"epsilon_{primary}"], out[f"delta_{primary}"]
+    return out
+
+
 def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = False) -> dict:
     """Build ``summary.json`` from ``metrics.jsonl`` (see module docstring)."""
     recs = []
@@ -196,7 +215,7 @@ def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = F
         "sites_evaluated": sorted({r["site"] for r in final}),
         "secure_aggregation": cfg.federation.secure_aggregation,
         "transport": "insecure" if insecure else "mtls",
-        "dp": {"mode": "none", "epsilon": None, "delta": None},
+        "dp": _dp_summary(cfg, final),
         "dice": dice,
         "dice_per_site": {r["site"]: r["dice"] for r in final},
         "wall_seconds": round(wall_seconds, 1),
@@ -348,6 +367,13 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
     d = summary["dice"]
     _say(f"done in {wall:.0f} s: {summary['rounds_completed']} round(s); final Dice WT "
          f"{_f(d['wt'])} TC {_f(d['tc'])} ET {_f(d['et'])} mean {_f(d['mean'])}")
+    dp = summary["dp"]
+    if dp["mode"] != "none":
+        _say(f"differential privacy ({dp['mode']}): epsilon sample-level "
+             f"{dp['epsilon_sample'] if dp['epsilon_sample'] is not None else 'n/a'} "
+             f"(delta {dp['delta_sample']}), site-level "
+             f"{dp['epsilon_site'] if dp['epsilon_site'] is not None else 'n/a'} "
+             f"(delta {dp['delta_site']})")
     _say(f"summary: {out / 'summary.json'}  model: {out / 'final_model.pt'}")
     bad = {n: c for n, c in codes.items() if c != 0}
     if bad:

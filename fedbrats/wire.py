@@ -377,6 +377,10 @@ class MetricsReport:
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
     clipped_values: int = 0
+    epsilon_sample: float = 0.0
+    delta_sample: float = 0.0
+    epsilon_site: float = 0.0
+    delta_site: float = 0.0
 
 
 def join_request(env: Envelope, info: JoinInfo) -> pb.JoinRequest:
@@ -510,14 +514,17 @@ def metrics_request(env: Envelope, m: MetricsReport) -> pb.ReportMetricsRequest:
     return pb.ReportMetricsRequest(
         envelope=envelope_to_pb(env), dice=_scores_to_pb(m.dice), hd95=_scores_to_pb(m.hd95),
         num_val_cases=m.num_val_cases, train_loss=m.train_loss, train_seconds=m.train_seconds,
-        eval_seconds=m.eval_seconds, clipped_values=m.clipped_values)
+        eval_seconds=m.eval_seconds, clipped_values=m.clipped_values,
+        epsilon_sample=m.epsilon_sample, delta_sample=m.delta_sample,
+        epsilon_site=m.epsilon_site, delta_site=m.delta_site)
 
 
 def decode_metrics_request(req: pb.ReportMetricsRequest) -> tuple[Envelope, MetricsReport]:
     return envelope_from_pb(req.envelope), MetricsReport(
         _scores_from_pb(req.dice), _scores_from_pb(req.hd95), int(req.num_val_cases),
         float(req.train_loss), float(req.train_seconds), float(req.eval_seconds),
-        int(req.clipped_values))
+        int(req.clipped_values), float(req.epsilon_sample), float(req.delta_sample),
+        float(req.epsilon_site), float(req.delta_site))
 
 
 def metrics_response(accepted: bool) -> pb.ReportMetricsResponse:

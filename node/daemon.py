@@ -31,6 +31,7 @@ from fedbrats.transport import grpc_options
 from fedbrats import wire
 from fedbrats.config import Config
 from fedbrats.errors import ConfigError, FedbratsError, ProtocolError, RoundAborted
+from node.accounting import PrivacyBudgetExceeded
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -132,8 +133,22 @@ class Node:
         from node.model import state_to_numpy
 
         self.model_signature = wire.model_signature(state_to_numpy(self.model))
+        self.state_dir = Path(cfg.node.state_dir).expanduser()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        from node.accounting import SAMPLE_STATE_FILE
+
+        # DP-SGD (dp.mode has "dp-sgd"): one accountant over all rounds, persisted in the
+        # site's state folder so that a restarted node continues its epsilon (case K04).
         self.trainer = LocalTrainer(self.model, self.train_cases, cfg.training, cfg.data.labels,
-                                    self._device, seed)
+                                    self._device, seed, dp_cfg=cfg.dp,
+                                    planned_rounds=cfg.federation.rounds,
+                                    privacy_state=self.state_dir / SAMPLE_STATE_FILE,
+                                    site=self.site)
+        if self.trainer.dp_enabled:
+            _LOGGER.info("site %s: DP-SGD on: noise multiplier %.3f, max grad norm %g, Poisson "
+                         "sampling rate %.3f, per-sample gradients via %s", self.site,
+                         self.trainer.noise_multiplier, cfg.dp.max_grad_norm,
+                         self.trainer.sample_rate, self.trainer.grad_sample_mode)
 
     def train(self, round: int, global_model: dict[str, np.ndarray]) -> LocalUpdate:
         from node.model import load_numpy_state, state_to_numpy
@@ -151,6 +166,10 @@ class Node:
         res = self.trainer.train_round(round, on_step=on_step)
         delta = model_delta(state_to_numpy(self.model), global_model)
         return LocalUpdate(delta, res.num_samples, res.steps, res.mean_loss, res.seconds)
+
+    def privacy_spent(self) -> tuple[float, float]:
+        """Sample-level (epsilon, delta) of DP-SGD so far; (0, 0) when DP-SGD is off."""
+        return self.trainer.privacy_spent() if self.trainer.dp_enabled else (0.0, 0.0)
 
     def save_model(self, path: Path, global_model: dict[str, np.ndarray], round: int) -> None:
         """Write the global model as a ``fedbrats-model/1`` file (ckks mode: only sites have it)."""
@@ -180,7 +199,8 @@ class SiteSession:
     """
 
     def __init__(self, cfg: Config, worker: LocalWorker, masking=None):
-        from node.update import make_protector, make_update_filters
+        from node.dp import make_dp_filters
+        from node.update import make_protector
 
         self.cfg = cfg
         self.site = cfg.node.site_id
@@ -191,7 +211,14 @@ class SiteSession:
         self.masking = masking
         if self.mode == "mask" and masking is None:
             raise FedbratsError(f"site {self.site}: mask mode needs the site's identity keys")
-        self.filters = make_update_filters(cfg)
+        state_dir = Path(cfg.node.state_dir).expanduser()
+        modes = tuple(cfg.dp.mode)
+        self.filters = make_dp_filters(cfg, state_dir=state_dir, site=self.site) if modes else []
+        #: Site-level DP bounds each site's contribution, so sites are weighted equally
+        #: (DP-FedAvg, McMahan et al. ICLR 2018): a weight would scale the sensitivity.
+        self.equal_weights = "site-local" in modes or "site-distributed" in modes
+        self.skellam = None  # mask + site-distributed: integer noise after quantisation
+        self.state_dir = state_dir
         self.protector = make_protector(cfg) if self.mode == "none" else None
         self.ckks_ctx = None
         if self.mode == "ckks":
@@ -290,6 +317,9 @@ class SiteSession:
                 try:
                     handlers[task.stage](stub, task)
                     out_of_step = 0
+                except PrivacyBudgetExceeded as exc:
+                    _LOGGER.error("site %s: leaving the federation: %s", self.site, exc)
+                    return PrivacyBudgetExceeded.exit_code
                 except (OutOfStep, NotJoined) as exc:
                     # The round moved on (a deadline passed, or the aggregator restarted and
                     # resumed from its last checkpoint): ask again what to do.  Round secrets
@@ -354,19 +384,20 @@ class SiteSession:
         delta = upd.delta
         for f in self.filters:
             delta = f(r, delta)
+        weight = 1 if self.equal_weights else upd.num_samples
         if self.mode == "mask":
-            tensors, self.clipped = self.masking.mask(r, delta, upd.num_samples)
+            noiser = self._skellam(delta) if "site-distributed" in self.cfg.dp.mode else None
+            tensors, self.clipped = self.masking.mask(r, delta, weight, noiser=noiser)
             payload = wire.pack_tensors(tensors, scheme="mask")
             weight = 0  # the weight travels masked, inside the payload
             if self.clipped:
                 _LOGGER.warning("site %s: round %d: %d update value(s) clipped to ±%g before "
                                 "quantisation", self.site, r, self.clipped, self.cfg.secagg.clip)
         elif self.mode == "ckks":
-            payload = self._encrypt(r, delta, upd.num_samples)
+            payload = self._encrypt(r, delta, weight)
             weight = 0  # the weight travels encrypted, inside the payload
         else:
-            payload = self.protector.protect(r, delta, upd.num_samples)
-            weight = upd.num_samples
+            payload = self.protector.protect(r, delta, weight)
         meta = wire.UpdateMetadata(weight, upd.steps, upd.loss, self.global_sha)
         reply = wire.decode_submit_response(self._call(
             "submit update", lambda: stub.SubmitUpdate(
@@ -376,6 +407,33 @@ class SiteSession:
                      "%.1f s)%s", self.site, r, task.stage, payload.info.scheme,
                      payload.info.total_bytes / 1e6, upd.loss, upd.seconds,
                      " (duplicate, counted once)" if reply.duplicate else "")
+
+    def _skellam(self, delta: dict[str, np.ndarray]):
+        """The site's Skellam noiser (mask mode, ``site-distributed``), built on first use."""
+        if self.skellam is None:
+            from fedbrats.masking import quant_params
+            from node.accounting import SITE_STATE_FILE
+            from node.dp import SkellamNoiser
+
+            dp, params = self.cfg.dp, quant_params(self.cfg)
+            self.skellam = SkellamNoiser(
+                dp.site_clip, dp.site_noise_multiplier, self.cfg.federation.min_sites,
+                clip=self.cfg.secagg.clip, bits=params.bits,
+                dim=sum(int(v.size) for v in delta.values()),
+                state_path=self.state_dir / SITE_STATE_FILE, site=self.site, delta=dp.site_delta)
+        return self.skellam
+
+    def privacy(self) -> dict[str, float]:
+        """(ε, δ) spent so far: sample-level (DP-SGD) and site-level (update noise)."""
+        eps_s, delta_s = (self.worker.privacy_spent() if hasattr(self.worker, "privacy_spent")
+                          else (0.0, 0.0))
+        eps_u, delta_u = 0.0, 0.0
+        for f in [*self.filters, self.skellam]:
+            acc = getattr(f, "accountant", None)
+            if acc is not None and getattr(acc, "delta", None):
+                eps_u, delta_u = float(acc.epsilon()), float(acc.delta)
+        return {"epsilon_sample": eps_s, "delta_sample": delta_s, "epsilon_site": eps_u,
+                "delta_site": delta_u}
 
     def _encrypt(self, r: int, delta: dict[str, np.ndarray], weight: int) -> wire.Payload:
         """ckks mode: clip Δ to ±ckks.max_abs_value, encrypt (weight·Δ, weight) in chunks."""
@@ -467,11 +525,12 @@ class SiteSession:
             dice = {k: round(v, 3) for k, v in dice.items()}
             hd95 = {k: round(v, 1) for k, v in hd95.items()}
         last = self.last_update
+        priv = self.privacy()
         report = wire.MetricsReport(
             dice=dice, hd95=hd95, num_val_cases=self.worker.num_val,
             train_loss=last.loss if last else float("nan"),
             train_seconds=last.seconds if last else 0.0, eval_seconds=eval_s,
-            clipped_values=self.clipped)
+            clipped_values=self.clipped, **priv)
         self._call("report metrics", stub.ReportMetrics,
                    wire.metrics_request(self._env(r, "result"), report), timeout=RPC_TIMEOUT_S)
         _LOGGER.info("site %s: round %d result: Dice WT %.3f TC %.3f ET %.3f mean %.3f "

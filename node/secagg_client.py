@@ -251,13 +251,16 @@ class MaskingClient:
 
     # 4 ------------------------------------------------------------------------------------
 
-    def mask(self, round: int, delta: Mapping[str, np.ndarray], weight: int
+    def mask(self, round: int, delta: Mapping[str, np.ndarray], weight: int, *, noiser=None
              ) -> tuple[dict[str, np.ndarray], int]:
         """Quantise ``weight · Δ`` (clipped), append ``weight``, and mask it.
 
         Args:
             delta: the update, name -> float32 array, in the global model's tensor order.
             weight: FedAvg weight (training cases), ``1 <= weight <= secagg.max_weight``.
+            noiser: distributed DP (``site-distributed``): adds the site's integer Skellam
+                share to the quantised update before masking
+                (:class:`node.dp.SkellamNoiser`; Agarwal et al. NeurIPS 2021).
 
         Returns:
             ``({"masked": uint32/uint64 vector of P+1 values}, number of clipped values)``.
@@ -277,6 +280,8 @@ class MaskingClient:
         except CryptoInputError as exc:
             raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the update: "
                                 f"{exc}") from None
+        if noiser is not None:
+            q = noiser(round, q, modulus_bits=self.params.modulus_bits)
         vec = np.concatenate([q, np.array([weight], dtype=self.params.dtype)])
         keys = {v: primitives.x25519_shared(r.mask_private, r.adverts[v].mask_public)
                 for v in r.neighbours if v in r.u2}

@@ -352,7 +352,7 @@ class RegionScores(_message.Message):
     def __init__(self, wt: _Optional[float] = ..., tc: _Optional[float] = ..., et: _Optional[float] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
-    __slots__ = ("envelope", "dice", "hd95", "num_val_cases", "train_loss", "train_seconds", "eval_seconds", "clipped_values")
+    __slots__ = ("envelope", "dice", "hd95", "num_val_cases", "train_loss", "train_seconds", "eval_seconds", "clipped_values", "epsilon_sample", "delta_sample", "epsilon_site", "delta_site")
     ENVELOPE_FIELD_NUMBER: _ClassVar[int]
     DICE_FIELD_NUMBER: _ClassVar[int]
     HD95_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +361,10 @@ class ReportMetricsRequest(_message.Message):
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CLIPPED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SITE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SITE_FIELD_NUMBER: _ClassVar[int]
     envelope: Envelope
     dice: RegionScores
     hd95: RegionScores
@@ -369,7 +373,11 @@ class ReportMetricsRequest(_message.Message):
     train_seconds: float
     eval_seconds: float
     clipped_values: int
-    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., dice: _Optional[_Union[RegionScores, _Mapping]] = ..., hd95: _Optional[_Union[RegionScores, _Mapping]] = ..., num_val_cases: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., clipped_values: _Optional[int] = ...) -> None: ...
+    epsilon_sample: float
+    delta_sample: float
+    epsilon_site: float
+    delta_site: float
+    def __init__(self, envelope: _Optional[_Union[Envelope, _Mapping]] = ..., dice: _Optional[_Union[RegionScores, _Mapping]] = ..., hd95: _Optional[_Union[RegionScores, _Mapping]] = ..., num_val_cases: _Optional[int] = ..., train_loss: _Optional[float] = ..., train_seconds: _Optional[float] = ..., eval_seconds: _Optional[float] = ..., clipped_values: _Optional[int] = ..., epsilon_sample: _Optional[float] = ..., delta_sample: _Optional[float] = ..., epsilon_site: _Optional[float] = ..., delta_site: _Optional[float] = ...) -> None: ...
 
 class ReportMetricsResponse(_message.Message):
     __slots__ = ("accepted",)
