@@ -128,8 +128,8 @@ class TrainingConfig:
     local_steps: int = 30
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (48, 48, 48)
-    learning_rate: float = 5e-3
-    optimizer_restart: bool = False
+    learning_rate: float = 3e-3
+    optimizer_restart: bool = True
     device: str = "auto"
     num_threads: int = 1
 
