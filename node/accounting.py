@@ -125,7 +125,7 @@ class PrivacyBudgetExceeded(FedbratsError):
         mechanism: which guarantee (``sample-level``, ``site-level``, ``pure-dp``).
     """
 
-    exit_code = 7
+    exit_code = 8
 
     def __init__(self, *, site: str, round: int, spent: float, would_be: float, budget: float,
                  delta: float, mechanism: str = "sample-level") -> None:

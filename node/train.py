@@ -589,7 +589,8 @@ def _setup_dp(trainer: LocalTrainer, dp_cfg: DPConfig, planned_rounds: int | Non
                                        params=params)
     state_path = Path(privacy_state) if privacy_state else None
     if state_path is not None and state_path.exists():
-        accountant.load(state_path)
+        accountant.load(state_path)  # ε continues from the ledger ...
+        accountant.budget, accountant.params = budget, params  # ... under today's configuration
     secret = int(noise_seed) if noise_seed is not None else int.from_bytes(os.urandom(32), "big")
     rng = np.random.Generator(np.random.PCG64(secret))
     gen = torch.Generator(device=trainer.device)
