@@ -56,7 +56,8 @@ def test_simulate_one_tiny_round_over_grpc(tiny_run):
     assert summary["sites"] == ["site-1", "site-2"]
     assert summary["secure_aggregation"] == "mask"  # the default
     assert summary["transport"] == "mtls"
-    assert set(summary["dp"]) == {"mode", "epsilon", "delta"}
+    assert {"mode", "epsilon", "delta", "epsilon_sample", "epsilon_site"} <= set(summary["dp"])
+    assert summary["dp"]["mode"] == "none" and summary["dp"]["epsilon"] is None
     assert set(summary["dice"]) == {"wt", "tc", "et", "mean"}
     assert all(0.0 <= summary["dice"][k] <= 1.0 for k in summary["dice"])
     assert summary["wall_seconds"] > 0
