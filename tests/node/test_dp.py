@@ -98,6 +98,16 @@ def test_k03_validation_names_unsupported_modules():
         validate_model_for_dp(unet, "ghost")
 
 
+def test_stock_segresnet_breaks_hooks_mode_but_not_ew():
+    """Why validation flags the in-place ops for hooks mode: Opacus' backward hooks fail on them."""
+    from opacus.grad_sample import GradSampleModule
+
+    x = torch.randn(2, 4, 16, 16, 16)
+    with pytest.raises(RuntimeError, match="modified inplace"):
+        GradSampleModule(_segresnet())(x).square().mean().backward()
+    GradSampleModule(make_dp_compatible(_segresnet()))(x).square().mean().backward()  # fixed copy: fine
+
+
 def test_make_dp_compatible_keeps_outputs_and_names():
     model = _segresnet()
     x = torch.randn(1, 4, 16, 16, 16)
