@@ -9,6 +9,7 @@ Subcommands::
     fedbrats simulate    [--config FILE] --out DIR [--sites N] [--rounds R] [--data DIR]
                          [--secure-agg none|mask|ckks] [--drop SITE:STAGE ...] [--insecure]
     fedbrats privacy report --site-state DIR
+    fedbrats experiment compare [--config FILE] --out DIR [--collude K] [--only CONF,...]
     fedbrats predict     --model FILE --case DIR --out FILE.nii.gz
 
 Exit codes: 0 success; 1 other fedbrats error; 2 configuration error; 3 input data error (the
@@ -203,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--insecure", action="store_true",
                      help="skip the throwaway federation's mutual TLS (" + insecure_help + ")")
     sim.set_defaults(func=cmd_simulate)
+
+    from experiments.compare import add_cli as add_experiment_cli
+
+    add_experiment_cli(sub)
 
     pr = sub.add_parser("privacy", help="differential-privacy accounting")
     prsub = pr.add_subparsers(dest="privacy_command", required=True)
