@@ -415,8 +415,8 @@ def estimate_dp_memory(model: nn.Module, batch_size: int, patch_size: Sequence[i
     outputs of every layer, A from a shape-only forward at ``patch_size``, kept for backward plus
     their gradients and temporaries) + the input and target patches.  P counts trainable
     parameters.  Deliberately conservative: for the demo SegResNet (batch 2, 48³) it gives
-    541 MiB against a measured peak RSS increase of 239 MiB (``ew``), 273 MiB (``functorch``) and
-    537 MiB (``hooks``) in ``benchmarks/dp_bench.py``.
+    541 MiB against a measured peak RSS increase of 250 MiB (``ew``), 329 MiB (``functorch``) and
+    471 MiB (``hooks``) in ``benchmarks/dp_bench.py`` (non-private step: 224 MiB).
 
     Args:
         model: the network (not modified; a meta-device copy runs the shape-only forward).
