@@ -40,7 +40,7 @@ import math
 import shutil
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ CONFIGURATIONS = ("none", "dp-only", "secagg-mask", "secagg-ckks", "dp+secagg")
 SWEEP_PREFIX = "dp+secagg@"
 """``dp+secagg@σ``: ``dp+secagg`` with both noise multipliers set to σ (``[experiment] dp_sweep``)."""
 
-ATTACKS_VERSION = 1
+ATTACKS_VERSION = 2
 """Bumped when the attacks change, so that ``compare`` reruns them on an existing DIR."""
 
 
@@ -363,8 +363,6 @@ def _attack(name: str, cfg: Config, run_dir: Path, data, settings: ExperimentSet
     """Every attack on configuration ``name``'s recorded run; returns the results dict."""
     import torch
 
-    from experiments import received, studies
-
     threads = torch.get_num_threads()
     if settings.attack_threads:
         torch.set_num_threads(settings.attack_threads)
@@ -472,6 +470,9 @@ def compare(config_path: Path | None, out: Path, *, collude: int = 0,
         if not force and info and info.get("federation_fingerprint") != fed_fp:
             raise FedbratsError(f"{run_dir} holds a run of another configuration; pass --force "
                                 f"to replace it, or choose another --out")
+        if not force and not info and run_dir.exists() and any(run_dir.iterdir()):
+            raise FedbratsError(f"{run_dir} exists and is not an experiment run; refusing to "
+                                f"delete it (pass --force, or choose another --out)")
         if force or not info or not (run_dir / "summary.json").exists():
             progress(f"== [{i}/{len(names)}] {name}: running the federation")
             info = _run_federation(cfg, run_dir, fed_fp, progress)
@@ -502,10 +503,8 @@ def compare(config_path: Path | None, out: Path, *, collude: int = 0,
         ok = info.get("exit_code") == 0 and result["rounds_completed"] >= 1
         result["status"] = "ok" if ok else "failed"
         if ok:
-            from node.model import read_model_file  # noqa: F401 - fail early if unavailable
-            from experiments import received
-
             from aggregator.server import initial_global_model
+            from experiments import received
 
             model_bytes = sum(int(v.nbytes) for v in initial_global_model(cfg).values())
             result["wire"] = received.wire_bytes(run_dir, cfg, model_bytes=model_bytes,
@@ -530,6 +529,8 @@ def compare(config_path: Path | None, out: Path, *, collude: int = 0,
                "cases_per_site": base.data.synth.cases_per_site,
                "spacing_mm": base.data.synth.spacing_mm, "synthetic": not base.data.root,
                "wall_seconds": time.perf_counter() - t_start,
+               "compute_seconds": sum((r.get("federation_seconds") or 0) + (r.get("attack_seconds") or 0)
+                                      for r in results),
                "base_config": {"local_steps": base.training.local_steps,
                                "patch_size": list(base.training.patch_size),
                                "batch_size": base.training.batch_size,

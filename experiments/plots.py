@@ -52,7 +52,7 @@ def privacy_utility(out: Path, results: list[dict]) -> Path:
     finite = [e for e in eps_all if math.isfinite(e) and e > 0]
     hi = max(finite) if finite else 10.0
     lo = min(finite) if finite else 1.0
-    inf_x = hi * 10 ** 0.8
+    inf_x = hi * 10 ** 1.3
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     no_eps = [r["configuration"] for r in results
               if not any(math.isfinite(_num(_get(r, "dp", k))) for k in ("epsilon_sample", "epsilon_site"))]
@@ -69,18 +69,20 @@ def privacy_utility(out: Path, results: list[dict]) -> Path:
         for k, e in points:
             ax.scatter([e], [dice], color=c, marker="o" if k == "epsilon_sample" else "s", s=60,
                        label=f"{r['configuration']} ({'sample' if k == 'epsilon_sample' else 'site'} ε)")
-    ax.axvline(inf_x / 10 ** 0.3, color="0.6", ls=":", lw=1)
+    ax.axvline(inf_x / 10 ** 0.6, color="0.6", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_xlim(lo / 3, inf_x * 10 ** (0.12 * len(no_eps) / 2 + 0.3))
-    ticks = [t for t in ax.get_xticks() if lo / 3 <= t <= inf_x / 10 ** 0.3]
+    decades = range(math.floor(math.log10(lo / 3)) + 1, math.floor(math.log10(hi * 10 ** 0.5)) + 1)
+    ticks = [10.0 ** k for k in decades]
     ax.set_xticks(ticks + [inf_x])
-    ax.set_xticklabels([f"{t:g}" for t in ticks] + ["∞ (no DP)"])
+    ax.set_xticklabels([f"$10^{{{k}}}$" for k in decades] + ["∞ (no DP)"])
+    ax.minorticks_off()
     ax.set_xlabel("ε (δ as configured; lower = more private)")
     ax.set_ylabel("mean Dice (TC, WT, ET), last round")
     ax.set_ylim(0, 1)
     ax.set_title("Privacy–utility: Dice against ε")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path = out / "privacy_utility.png"
     fig.savefig(path, dpi=120)
@@ -122,7 +124,9 @@ def attack_success(out: Path, results: list[dict], n_sites: int) -> Path:
 
     ax = axes[2]
     acc = [_num(_get(r, "property", "accuracy")) for r in results]
-    ax.bar(x, acc, color="tab:green", alpha=0.8)
+    pooled = [_num(_get(r, "property", "pooled_accuracy")) for r in results]
+    ax.bar(x - 0.2, acc, 0.4, color="tab:green", alpha=0.85, label="per round")
+    ax.bar(x + 0.2, pooled, 0.4, color="yellowgreen", alpha=0.85, label="pooled over rounds")
     ax.axhline(1.0 / n_sites, color="k", ls="--", lw=1, label=f"chance (1/{n_sites})")
     ax.set_ylim(0, 1.05)
     ax.set_title("Property inference: accuracy")

@@ -14,7 +14,9 @@ Two kinds of measurement, both as the honest-but-curious aggregator:
 * :func:`property_inference` — which site has the largest mean whole-tumour / enhancing-tumour
   volume: the attacker applies each attributable update to the global model and measures the
   tumour volume the result predicts on its own auxiliary cases (the held-out site); the unit
-  with the largest prediction is its answer (:func:`experiments.attacks.property_accuracy`).
+  with the largest prediction is its answer (:func:`experiments.attacks.property_accuracy`),
+  per round (``accuracy``) and pooled over all rounds (``pooled_accuracy``: the sum of each
+  unit's predictions decides).
 
 **On a small model, offline** (:func:`small_model_studies`; the issue's "small patches and a
 small model so it runs on CPU"): every site computes one SGD step of
@@ -172,6 +174,7 @@ def property_inference(obs: Observation, data: AttackData, cfg: Config, *,
     if not obs.units or any(m is None for m in obs.models):
         out.update(accuracy=1.0 / n, per_property={"wt": [1.0 / n] * obs.rounds,
                                                    "et": [1.0 / n] * obs.rounds},
+                   pooled={"wt": 1.0 / n, "et": 1.0 / n}, pooled_accuracy=1.0 / n,
                    guess=True, note="nothing attributable: the attacker guesses (1/n)")
         return out
     ev = evaluator or _Evaluator(cfg)
@@ -185,7 +188,11 @@ def property_inference(obs: Observation, data: AttackData, cfg: Config, *,
         for p in ("wt", "et"):
             per[p].append(atk.property_accuracy({u: v[p] for u, v in vols.items()}, sites_of,
                                                 data.largest(p)))
+    # The attacker can also pool the evidence of all rounds: one answer per property.
+    final = {p: atk.property_accuracy({u: float(sum(v[u][p] for v in predicted)) for u in sites_of},
+                                      sites_of, data.largest(p)) for p in ("wt", "et")}
     out.update(accuracy=float(np.mean(per["wt"] + per["et"])), per_property=per,
+               pooled=final, pooled_accuracy=float(np.mean(list(final.values()))),
                predicted_volumes=predicted, guess=len(obs.units) == 1)
     return out
 

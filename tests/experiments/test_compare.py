@@ -95,7 +95,7 @@ def test_compare_none_and_mask_end_to_end(tmp_path):
     assert report == out / "report.md"
     text = report.read_text()
     for col in ("Dice WT", "Dice TC", "Dice ET", "Dice mean", "ε sample", "ε site",
-                "inversion SSIM", "inversion PSNR", "MIA AUC", "property acc.", "MB / round",
+                "inversion SSIM", "inversion PSNR", "MIA AUC", "property acc", "MB / round",
                 "time (s)"):
         assert col in text
     assert "| none |" in text and "| secagg-mask |" in text
