@@ -693,15 +693,22 @@ class SiteLocalGaussian(_SiteLedgerMixin):
     def __init__(self, C: float, sigma: float, rng: np.random.Generator | None = None, *,
                  accountant: SiteLevelAccountant | None = None, state_path: str | os.PathLike | None = None,
                  site: str = "", delta: float | None = None, site_sample_rate: float = 1.0) -> None:
+        self._setup_clip_noise(C, sigma, rng, site_sample_rate)
+        self._setup_ledger(accountant, state_path, site, delta,
+                           {"mode": self.name, "site_clip": self.C, "noise_multiplier": self.sigma,
+                            "site_sample_rate": self.site_sample_rate})
+
+    def _setup_clip_noise(self, C: float, sigma: float, rng: np.random.Generator | None,
+                          site_sample_rate: float) -> None:
         self.C = _positive("dp.site_clip", C)
         self.sigma = _positive("dp.site_noise_multiplier", sigma)
         self.rng = rng
         self.site_sample_rate = float(site_sample_rate)
         self.last_norm = math.nan
         self.last_clipped = False
-        self._setup_ledger(accountant, state_path, site, delta,
-                           {"mode": self.name, "site_clip": self.C, "noise_multiplier": self.sigma,
-                            "site_sample_rate": self.site_sample_rate})
+
+    def _charge_info(self) -> dict[str, Any]:
+        return {"clip": self.C}
 
     @property
     def noise_std(self) -> float:
@@ -716,11 +723,11 @@ class SiteLocalGaussian(_SiteLedgerMixin):
         std = self.noise_std
         out = {k: (v + std * rng.standard_normal(v.shape, dtype=np.float32)).astype(np.float32)
                for k, v in clipped.items()}
-        self._charge(round, self.sigma, clip=self.C, clipped=bool(self.last_clipped))
+        self._charge(round, self.sigma, **self._charge_info(), clipped=bool(self.last_clipped))
         return out
 
 
-class SiteDistributedGaussian(_SiteLedgerMixin):
+class SiteDistributedGaussian(SiteLocalGaussian):
     """``site-distributed`` on float aggregation paths (plaintext or CKKS sums): clip ‖Δ‖₂ ≤ C,
     add N(0, σ²C²/n) so that the sum of ``n_sites`` shares carries N(0, σ²C²).
 
@@ -742,13 +749,8 @@ class SiteDistributedGaussian(_SiteLedgerMixin):
     def __init__(self, C: float, sigma: float, n_sites: int, rng: np.random.Generator | None = None, *,
                  accountant: SiteLevelAccountant | None = None, state_path: str | os.PathLike | None = None,
                  site: str = "", delta: float | None = None, site_sample_rate: float = 1.0) -> None:
-        self.C = _positive("dp.site_clip", C)
-        self.sigma = _positive("dp.site_noise_multiplier", sigma)
+        self._setup_clip_noise(C, sigma, rng, site_sample_rate)
         self.n_sites = _count("n_sites", n_sites)
-        self.rng = rng
-        self.site_sample_rate = float(site_sample_rate)
-        self.last_norm = math.nan
-        self.last_clipped = False
         self._setup_ledger(accountant, state_path, site, delta,
                            {"mode": self.name, "site_clip": self.C, "noise_multiplier": self.sigma,
                             "n_sites": self.n_sites, "site_sample_rate": self.site_sample_rate})
@@ -758,16 +760,8 @@ class SiteDistributedGaussian(_SiteLedgerMixin):
         """Per-coordinate standard deviation of one site's share, σC/√n (weight units)."""
         return self.sigma * self.C / math.sqrt(self.n_sites)
 
-    def __call__(self, round: int, delta: Tensors) -> dict[str, np.ndarray]:
-        _check_tensors(delta, round, self.name)
-        clipped, norm = clip_update(delta, self.C)
-        self.last_norm, self.last_clipped = norm, norm > self.C
-        rng = _round_rng(self.rng)
-        std = self.noise_std
-        out = {k: (v + std * rng.standard_normal(v.shape, dtype=np.float32)).astype(np.float32)
-               for k, v in clipped.items()}
-        self._charge(round, self.sigma, clip=self.C, n_sites=self.n_sites, clipped=bool(self.last_clipped))
-        return out
+    def _charge_info(self) -> dict[str, Any]:
+        return {"clip": self.C, "n_sites": self.n_sites}
 
 
 # ---------------------------------------------------------------------------------------------
