@@ -35,6 +35,7 @@ from fedbrats.masking import (
     graph_seed,
     neighbour_graph,
     quant_params,
+    skellam_in_sum,
 )
 
 _LOGGER = logging.getLogger(__name__)
@@ -63,9 +64,12 @@ class MaskedRound:
     u3: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        self.params = quant_params(self.cfg)
+        dim = sum(int(np.asarray(v).size) for v in self.model.values())
+        # With Skellam noise in the sum the budget (and decoding) include its headroom, which
+        # depends on the model dimension: the sites derive it from the same dimension.
+        self.params = quant_params(self.cfg, dim=dim)
         self.threshold = secagg_threshold(self.cfg)
-        self.count = sum(int(np.asarray(v).size) for v in self.model.values()) + 1
+        self.count = dim + 1
         self._sum = np.zeros(self.count, dtype=self.params.dtype)
 
     # -- stage 1: advertise keys ---------------------------------------------------------------
@@ -221,7 +225,7 @@ class MaskedRound:
         if not 1 <= weight <= len(self.u3) * self.params.max_weight:
             raise RoundAborted(f"round {self.round}: unmask: the unmasked total weight {weight} is "
                                f"impossible for {len(self.u3)} site(s); masks did not cancel")
-        if "site-distributed" in self.cfg.dp.mode:
+        if skellam_in_sum(self.cfg):
             mean = self._decode_noisy(total[:-1], weight)
         else:
             try:
@@ -240,19 +244,38 @@ class MaskedRound:
     def _decode_noisy(self, total: np.ndarray, weight: int) -> np.ndarray:
         """Decode a sum that carries distributed Skellam noise (``site-distributed``).
 
-        The noise is signed, so a coordinate near 0 may have wrapped below it: the sum is read
-        in the centred representative (values in the top half of the modulus are negative), then
-        the affine quantisation map is inverted (Agarwal, Kairouz, Liu, NeurIPS 2021).
+        The noisy total of W = ``weight`` weighted quantised values lies in ``[-B, W·L + B]``,
+        B = ``params.noise_headroom`` (:func:`fedbrats.masking.skellam_headroom`, exceeded in
+        some coordinate with probability at most 2^-40 per round), and the bit budget keeps
+        that interval shorter than the modulus 2^m.  A coordinate near 0 may have wrapped below
+        it, so the sum is read in the centred representative — a value at or above 2^m − B is
+        negative — then the affine quantisation map is inverted (Agarwal, Kairouz, Liu, "The
+        Skellam Mechanism for Differentially Private Federated Learning", NeurIPS 2021).
+
+        Raises:
+            RoundAborted: some coordinates lie outside ``[-B, W·L + B]`` (masks that did not
+                cancel, a misreported weight, a corrupt sum or noise beyond its tail bound); the
+                error counts them and nothing is decoded.
         """
-        m = self.params.modulus_bits
+        params = self.params
+        modulus = 1 << params.modulus_bits
+        b = int(params.noise_headroom)
         t = total.astype(np.uint64)
-        if m == 32:
-            signed = t.astype(np.int64)
-            signed[signed >= (1 << 31)] -= (1 << 32)
+        high = np.uint64(int(weight) * params.levels + b)
+        negative = t >= np.uint64(modulus - b) if b else np.zeros(t.shape, dtype=bool)
+        bad = int(np.count_nonzero((t > high) & ~negative))
+        if bad:
+            raise RoundAborted(
+                f"round {self.round}: unmask: {bad} of {t.size} coordinates of the noisy sum lie "
+                f"outside [-B, W x (2^{params.bits} - 1) + B] (W = {weight}, Skellam noise "
+                f"headroom B = {b}): the masks did not cancel, a weight was misreported, or the "
+                f"sum is corrupt; nothing released")
+        if params.modulus_bits == 64:
+            signed = t.view(np.int64)  # two's complement: values >= 2^64 - B become t - 2^64
         else:
-            signed = t.view(np.int64)
-        step = 2.0 * float(self.params.clip) / self.params.levels
-        return signed.astype(np.float64) * step / weight - float(self.params.clip)
+            signed = t.astype(np.int64)
+            signed[negative] -= np.int64(modulus)
+        return signed.astype(np.float64) * params.step / weight - float(params.clip)
 
 
 class MaskedFedAvg:

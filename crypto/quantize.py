@@ -25,6 +25,10 @@ silently decoding to a wrong average::
 
     needed = bits + ceil(log2(max_sites * max_weight)) + 1  <=  modulus_bits
 
+When the sum also carries signed DP noise within ``±B`` (``QuantParams.noise_headroom``, e.g.
+distributed Skellam noise), ``ceil(log2(2B + 1))`` more bits are needed and the sum is decoded in
+the centred representative (:meth:`aggregator.secagg.MaskedRound.unmask`).
+
 If a 32-bit modulus is too small, :func:`check_budget` widens it to 64 bits (when allowed) or
 refuses the configuration, stating needed vs available bits.
 
@@ -44,7 +48,7 @@ import numpy as np
 from crypto.errors import CryptoInputError
 from fedbrats.errors import ConfigError
 
-__all__ = ["GUARD_BITS", "QuantParams", "bits_needed", "check_budget", "dequantize_sum", "quantize"]
+__all__ = ["GUARD_BITS", "QuantParams", "bits_needed", "check_budget", "dequantize_sum", "noise_bits", "quantize"]
 
 #: Extra bits required beyond the largest possible total (see the module docstring).
 GUARD_BITS = 1
@@ -66,6 +70,12 @@ class QuantParams:
         modulus_bits: masked sums are taken modulo ``2**modulus_bits``; 32 or 64.
         max_sites: most sites whose inputs are summed in one round.
         max_weight: largest integer weight one site may apply (e.g. its sample count).
+        noise_headroom: tail bound B (integer units, >= 0) of signed noise added to the sum,
+            e.g. the distributed Skellam noise of ``dp.mode = "site-distributed"`` (Agarwal,
+            Kairouz, Liu, "The Skellam Mechanism for Differentially Private Federated
+            Learning", NeurIPS 2021; :func:`fedbrats.masking.skellam_headroom`).  The noisy total
+            lies in ``[-B, W*L + B]``; :func:`bits_needed` adds ``ceil(log2(2B + 1))`` bits for
+            it.  0 = no noise (the default).
     """
 
     clip: float
@@ -73,6 +83,7 @@ class QuantParams:
     modulus_bits: int
     max_sites: int
     max_weight: int
+    noise_headroom: int = 0
 
     @property
     def levels(self) -> int:
@@ -107,13 +118,24 @@ def _problems(params: QuantParams) -> list[str]:
         problems.append(f"max_sites must be an integer >= 1, got {params.max_sites!r}")
     if not _is_int(params.max_weight) or params.max_weight < 1:
         problems.append(f"max_weight must be an integer >= 1, got {params.max_weight!r}")
+    if not _is_int(params.noise_headroom) or params.noise_headroom < 0:
+        problems.append(f"noise_headroom must be an integer >= 0, got {params.noise_headroom!r}")
     return problems
 
 
+def noise_bits(params: QuantParams) -> int:
+    """``ceil(log2(2B + 1))`` for ``B = params.noise_headroom`` (0 when there is no noise)."""
+    return (2 * int(params.noise_headroom)).bit_length()
+
+
 def bits_needed(params: QuantParams) -> int:
-    """``bits + ceil(log2(max_sites * max_weight)) + GUARD_BITS`` (fields assumed valid)."""
+    """``bits + ceil(log2(max_sites * max_weight)) + GUARD_BITS + ceil(log2(2B + 1))``.
+
+    The last term is the signed noise headroom ``B = noise_headroom`` (0 bits without noise).
+    Fields are assumed valid.
+    """
     total_weight = int(params.max_sites) * int(params.max_weight)
-    return int(params.bits) + (total_weight - 1).bit_length() + GUARD_BITS
+    return int(params.bits) + (total_weight - 1).bit_length() + GUARD_BITS + noise_bits(params)
 
 
 def check_budget(params: QuantParams, *, widen: bool = True) -> QuantParams:
@@ -143,8 +165,14 @@ def check_budget(params: QuantParams, *, widen: bool = True) -> QuantParams:
         return replace(params, modulus_bits=64)
     total_weight = params.max_sites * params.max_weight
     m = params.modulus_bits
+    noise = ""
+    lower = "bits, max_sites or max_weight"
+    if params.noise_headroom:
+        noise = (f" + {noise_bits(params)} bits of noise headroom for DP noise within "
+                 f"+-{params.noise_headroom}")
+        lower = "bits, max_sites, max_weight or the noise (dp.site_noise_multiplier, dp.site_clip)"
     if widen:
-        available = "the largest modulus, 2^64, has 64 bits available; lower bits, max_sites or max_weight"
+        available = f"the largest modulus, 2^64, has 64 bits available; lower {lower}"
     elif needed <= 64:
         available = f"the modulus 2^{m} has {m} bits available (widening to 2^64 is not allowed)"
     else:
@@ -153,8 +181,8 @@ def check_budget(params: QuantParams, *, widen: bool = True) -> QuantParams:
         _SOURCE,
         [
             f"bit budget exceeded: {params.bits} value bits + {(total_weight - 1).bit_length()} bits for "
-            f"{params.max_sites} sites x weight {params.max_weight} (= {total_weight}) + {GUARD_BITS} guard bit "
-            f"= {needed} bits needed, but {available}"
+            f"{params.max_sites} sites x weight {params.max_weight} (= {total_weight}) + {GUARD_BITS} guard bit"
+            f"{noise} = {needed} bits needed, but {available}"
         ],
     )
 

@@ -415,11 +415,11 @@ class SiteSession:
             from node.accounting import SITE_STATE_FILE
             from node.dp import SkellamNoiser
 
-            dp, params = self.cfg.dp, quant_params(self.cfg)
+            dim = sum(int(v.size) for v in delta.values())
+            dp, params = self.cfg.dp, quant_params(self.cfg, dim=dim)
             self.skellam = SkellamNoiser(
                 dp.site_clip, dp.site_noise_multiplier, self.cfg.federation.min_sites,
-                clip=self.cfg.secagg.clip, bits=params.bits,
-                dim=sum(int(v.size) for v in delta.values()),
+                clip=params.clip, bits=params.bits, dim=dim,
                 state_path=self.state_dir / SITE_STATE_FILE, site=self.site, delta=dp.site_delta)
         return self.skellam
 

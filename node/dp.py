@@ -84,6 +84,11 @@ import torch
 from torch import nn
 
 from fedbrats.errors import FedbratsError
+from fedbrats.masking import (  # shared with the aggregator, which sizes its decoding by them
+    HEADROOM_FAILURE_PROB,
+    integer_noise_headroom,
+    integer_noise_variance,
+)
 from node.accounting import (
     PURE_STATE_FILE,
     SITE_STATE_FILE,
@@ -768,36 +773,6 @@ class SiteDistributedGaussian(SiteLocalGaussian):
 # Integer lattice (mask mode): Skellam
 
 
-def integer_noise_variance(C: float, sigma: float, n_sites: int, scale: float, *,
-                           max_weight: int = 1, dim: int = 0) -> float:
-    """Per-site integer noise variance so that the sum of ``n_sites`` shares carries σ·Δ₂.
-
-    Δ₂ = ``max_weight`` · C · scale (+ √dim for stochastic rounding when ``dim`` > 0) is the L2
-    sensitivity of one site's quantised, weighted contribution in integer units; the aggregate
-    noise variance is σ²Δ₂², each site's share 1/n of it.
-
-    Args:
-        C: L2 clipping norm of the float update (weight units).
-        sigma: noise multiplier σ of the sum.
-        n_sites: shares the sum is guaranteed to contain (use ``federation.min_sites``).
-        scale: quantisation scale, integer units per weight unit: ``levels / (2·clip)`` with
-            ``levels = 2**bits − 1`` (:class:`crypto.quantize.QuantParams`: ``1 / step``).
-        max_weight: the integer weight each site multiplies its quantised update by (1 for
-            site-level DP: unequal FedAvg weights scale sensitivity and noise differently).
-        dim: number of coordinates d, to include the rounding term √d (0 = leave it out).
-
-    Returns:
-        Per-site variance in integer units² (Skellam μ = variance/2).
-    """
-    c = _positive("dp.site_clip", C)
-    s = _positive("dp.site_noise_multiplier", sigma)
-    n = _count("n_sites", n_sites)
-    sc = _positive("scale", scale)
-    w = _count("max_weight", max_weight)
-    d2 = w * c * sc + (math.sqrt(dim) if dim else 0.0)
-    return (s * d2) ** 2 / n
-
-
 def skellam_sensitivity(C: float, scale: float, dim: int, *, max_weight: int = 1) -> tuple[float, float]:
     """(Δ₂, Δ₁) of one site's quantised contribution, integer units (for :func:`skellam_rdp`).
 
@@ -834,34 +809,16 @@ def distributed_skellam_noise(shape: int | Sequence[int], *, variance_int: float
     return (g.poisson(mu, size=shape).astype(np.int64) - g.poisson(mu, size=shape).astype(np.int64))
 
 
-def integer_noise_headroom(total_variance: float, failure_prob: float = 2.0**-40) -> int:
-    """B with P(|aggregate Skellam noise| > B) ≤ ``failure_prob`` (per coordinate).
-
-    Bernstein's inequality for Sk(μ, μ) (each centred Poisson has variance μ and jumps of 1):
-    P(X ≥ t) ≤ exp(−t² / (2(v + t/3))) with v = 2μ, applied to both tails.  The masked sum needs
-    this many extra values on both sides of [0, W·L]: add ``ceil(log2(2B + 1))`` bits to the
-    budget and decode the total in the centred representative.
-    """
-    v = _positive("total_variance", total_variance)
-    p = _positive("failure_prob", failure_prob)
-    if p >= 1:
-        raise FedbratsError(f"failure_prob: must be < 1, got {failure_prob!r}")
-    log_term = math.log(2.0 / p)
-    # solve t² = 2 log_term (v + t/3)
-    b = 2.0 * log_term / 3.0
-    t = (b + math.sqrt(b * b + 8.0 * log_term * v)) / 2.0
-    return int(math.ceil(t))
-
-
 class SkellamNoiser:
     """Adds a site's Skellam share to its *quantised* update, modulo ``2**modulus_bits``.
 
     For ``site-distributed`` with ``federation.secure_aggregation = "mask"``: after
     :class:`SiteClip` (float L2 clip) and :func:`crypto.quantize.quantize` (weight 1), the masking
     client calls this on the integer vector before masking.  The aggregate (after the masks
-    cancel) is ``Σ q_i + Sk(nμ, nμ)`` modulo 2^m; the aggregator must decode it in the centred
-    representative (a total above ``2^m − B`` is negative) and the bit budget must include
-    ``ceil(log2(2B+1))`` more bits, B = :meth:`headroom`.
+    cancel) is ``Σ q_i + Sk(nμ, nμ)`` modulo 2^m; the aggregator decodes it in the centred
+    representative (a total at or above ``2^m − B`` is negative) and the bit budget includes
+    ``ceil(log2(2B+1))`` more bits, B = :meth:`headroom` with ``sites = federation.sites``
+    (:func:`fedbrats.masking.quant_params` with the model dimension, the same figure).
 
     Args:
         C: float L2 clip (weight units); sigma: noise multiplier of the sum; n_sites: shares
@@ -899,9 +856,18 @@ class SkellamNoiser:
                                       "noise_multiplier": self.sigma, "n_sites": self.n_sites,
                                       "scale": self.scale, "dim": self.dim}
 
-    def headroom(self, failure_prob: float = 2.0**-40) -> int:
-        """Tail bound B of the aggregate noise (see :func:`integer_noise_headroom`)."""
-        return integer_noise_headroom(self.variance_int * self.n_sites, failure_prob)
+    def headroom(self, sites: int | None = None, failure_prob: float = HEADROOM_FAILURE_PROB) -> int:
+        """Tail bound B (integer units) of the noise in a sum of ``sites`` shares.
+
+        P(the noise leaves ±B in any of the ``dim`` coordinates) ≤ ``failure_prob`` (a union
+        bound over the coordinates of :func:`integer_noise_headroom`).  Pass ``sites`` =
+        ``federation.sites``, the most shares a sum can hold (default ``n_sites``): with more
+        shares than ``n_sites`` the noise grows.  With the federation's configuration this
+        equals :func:`fedbrats.masking.skellam_headroom`, the figure the bit budget and the
+        aggregator's centred decoding use.
+        """
+        n = self.n_sites if sites is None else _count("sites", sites)
+        return integer_noise_headroom(self.variance_int * n, failure_prob / self.dim)
 
     def __call__(self, round: int, q: np.ndarray, *, modulus_bits: int) -> np.ndarray:
         """Return ``(q + noise) mod 2**modulus_bits`` in ``q``'s unsigned dtype.

@@ -38,6 +38,7 @@ from fedbrats.masking import (
     graph_seed,
     neighbour_graph,
     quant_params,
+    skellam_in_sum,
 )
 from crypto import primitives, quantize, secagg
 from crypto.errors import CryptoError, CryptoInputError
@@ -124,7 +125,9 @@ class MaskingClient:
         self._identity = identity_private
         self.identities = dict(identities)
         self.threshold = secagg_threshold(cfg)
-        self.params = quant_params(cfg)
+        # With Skellam noise in the sum the budget depends on the model dimension: mask()
+        # derives the parameters from the update's size (as the aggregator does from the model).
+        self.params = None if skellam_in_sum(cfg) else quant_params(cfg)
         self._r: _RoundSecrets | None = None
         if site not in self.identities:
             raise FedbratsError(f"site {site}: its own identity public key is not among the "
@@ -275,19 +278,20 @@ class MaskingClient:
                 raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the "
                                     f"update: tensor {name} holds non-finite values (NaN/inf)")
         flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in delta.values()])
+        params = self.params or quant_params(self.cfg, dim=flat.size)
         try:
-            q, clipped = quantize.quantize(flat, self.params, seed=os.urandom(16), weight=weight)
+            q, clipped = quantize.quantize(flat, params, seed=os.urandom(16), weight=weight)
         except CryptoInputError as exc:
             raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the update: "
                                 f"{exc}") from None
         if noiser is not None:
-            q = noiser(round, q, modulus_bits=self.params.modulus_bits)
-        vec = np.concatenate([q, np.array([weight], dtype=self.params.dtype)])
+            q = noiser(round, q, modulus_bits=params.modulus_bits)
+        vec = np.concatenate([q, np.array([weight], dtype=params.dtype)])
         keys = {v: primitives.x25519_shared(r.mask_private, r.adverts[v].mask_public)
                 for v in r.neighbours if v in r.u2}
         y = secagg.mask_update(vec, self_seed=r.self_seed, pairwise_keys=keys, own_id=self.site,
                                round=round, federation=self.federation,
-                               bits=self.params.modulus_bits)
+                               bits=params.modulus_bits)
         r.stage = "masked"
         return {MASKED_TENSOR: y}, clipped
 

@@ -41,6 +41,33 @@ def test_budget_refused_when_even_64_bits_is_too_small():
         check_budget(params)
 
 
+def test_noise_headroom_adds_bits_and_widens_or_refuses_naming_the_noise():
+    from dataclasses import replace
+
+    # 16 value bits + ceil(log2(8 * 100)) = 10 + 1 guard bit = 27: fits 2^32 without noise.
+    base = QuantParams(clip=1.0, bits=16, modulus_bits=32, max_sites=8, max_weight=100)
+    assert base.noise_headroom == 0 and bits_needed(base) == 27
+    assert check_budget(base, widen=False) is base
+    # Noise within +-15 needs ceil(log2(31)) = 5 more bits: 32, still fits; +-16: 33, does not.
+    assert check_budget(replace(base, noise_headroom=15), widen=False).modulus_bits == 32
+    noisy = replace(base, noise_headroom=100)  # ceil(log2(201)) = 8 bits -> 35
+    assert bits_needed(noisy) == 35 and bits_needed(replace(base, noise_headroom=16)) == 33
+    widened = check_budget(noisy)
+    assert widened.modulus_bits == 64 and widened.noise_headroom == 100
+    with pytest.raises(ConfigError) as err:
+        check_budget(noisy, widen=False)
+    text = str(err.value)
+    assert "+ 8 bits of noise headroom for DP noise within +-100 = 35 bits needed" in text
+    assert "2^32 has 32 bits available" in text
+    # 40 + 10 + 1 = 51 fits 2^64, but not with noise within +-2^13 (15 more bits: 66).
+    big = QuantParams(clip=1.0, bits=40, modulus_bits=32, max_sites=8, max_weight=100, noise_headroom=1 << 13)
+    with pytest.raises(ConfigError, match="66 bits needed, but the largest modulus, 2\\^64, has 64 bits "
+                                          "available; lower .*or the noise \\(dp.site_noise_multiplier"):
+        check_budget(big)
+    with pytest.raises(ConfigError, match="noise_headroom must be an integer >= 0, got -1"):
+        check_budget(replace(base, noise_headroom=-1))
+
+
 @pytest.mark.parametrize(
     "bits,sites,weight,modulus,ok",
     [

@@ -428,6 +428,55 @@ def test_skellam_noiser_adds_modulo_and_decodes_centred():
         noisers[0](1, np.zeros(dim, np.int64), modulus_bits=32)
 
 
+def _mask_cfg(mode=("site-distributed",), **secagg):
+    from fedbrats.config import SecAggConfig
+
+    sa = {"clip": 0.25, "bits": 20, "modulus_bits": 32, "max_weight": 100, **secagg}
+    return Config(federation=FederationConfig(secure_aggregation="mask", sites=3, min_sites=2),
+                  secagg=SecAggConfig(**sa), dp=DPConfig(mode=tuple(mode), site_clip=1.0,
+                                                         site_noise_multiplier=1.0))
+
+
+def test_mask_budget_includes_skellam_headroom_widening_to_64_bits():
+    from fedbrats.masking import HEADROOM_FAILURE_PROB, quant_params, skellam_headroom
+
+    dim = 20_000
+    # 20 value bits + ceil(log2(3 sites x 100)) = 9 + 1 guard bit = 30: fits 2^32 without noise.
+    plain = quant_params(_mask_cfg(mode=()))
+    assert plain.modulus_bits == 32 and plain.noise_headroom == 0
+    assert quant_params(_mask_cfg(mode=()), dim=dim) == plain  # dim matters only with noise
+    cfg = _mask_cfg()
+    with pytest.raises(FedbratsError, match="pass dim"):
+        quant_params(cfg)
+    params = quant_params(cfg, dim=dim)
+    B = params.noise_headroom
+    # The same figure on both ends: the sites' SkellamNoiser with federation.sites shares, and
+    # the direct formula: 3 shares of sigma^2 (C*scale + sqrt(d))^2 / min_sites.
+    noiser = SkellamNoiser(1.0, 1.0, 2, clip=0.25, bits=20, dim=dim)
+    assert B == skellam_headroom(cfg, dim) == noiser.headroom(sites=3)
+    scale = ((1 << 20) - 1) / 0.5
+    total_var = 3 * (1.0 * scale + math.sqrt(dim)) ** 2 / 2
+    assert B == integer_noise_headroom(total_var, HEADROOM_FAILURE_PROB / dim)
+    assert 6 * math.sqrt(total_var) < B < 10 * math.sqrt(total_var)
+    assert params.modulus_bits == 64 and params.dtype == np.uint64
+    assert params.bits == 20 and params.max_sites == 3 and params.max_weight == 100
+
+
+def test_mask_budget_with_skellam_headroom_refused_naming_the_noise():
+    from fedbrats.errors import ConfigError
+    from fedbrats.masking import quant_params
+
+    # 36 + 9 + 1 = 46 bits fit 2^64; the noise (sigma C scale ~ 2^37) does not.
+    cfg = _mask_cfg(bits=36)
+    assert quant_params(_mask_cfg(mode=(), bits=36)).modulus_bits == 64
+    with pytest.raises(ConfigError) as err:
+        quant_params(cfg, dim=1000)
+    text = str(err.value)
+    assert "bits of noise headroom for DP noise within" in text
+    assert "bits needed, but the largest modulus, 2^64, has 64 bits available" in text
+    assert "dp.site_noise_multiplier" in text
+
+
 def test_filters_do_not_modify_input_and_record_ledgers(tmp_path):
     delta = _delta()
     copy = {k: v.copy() for k, v in delta.items()}
