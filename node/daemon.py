@@ -382,6 +382,9 @@ class SiteSession:
         upd = self.worker.train(r, self.global_model)
         self.last_update = upd
         delta = upd.delta
+        if self.mode == "ckks":
+            # Clip before the DP filters: clipping a noised update would truncate its noise.
+            delta = self._ckks_clip(r, delta)
         for f in self.filters:
             delta = f(r, delta)
         weight = 1 if self.equal_weights else upd.num_samples
@@ -435,8 +438,30 @@ class SiteSession:
         return {"epsilon_sample": eps_s, "delta_sample": delta_s, "epsilon_site": eps_u,
                 "delta_site": delta_u}
 
+    def _ckks_clip(self, r: int, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """ckks mode: clip every coordinate of Δ to ±``ckks.max_abs_value`` (counted, logged).
+
+        Runs before the DP filters, so the noise they add is never truncated.
+        """
+        lim = self.cfg.ckks.max_abs_value
+        out, clipped = {}, 0
+        for k, v in delta.items():
+            a = np.asarray(v)
+            clipped += int(np.count_nonzero(np.abs(a) > lim))
+            out[k] = np.clip(a, -lim, lim)
+        self.clipped = clipped
+        if clipped:
+            _LOGGER.warning("site %s: round %d: %d update value(s) clipped to ±%g before "
+                            "encryption", self.site, r, clipped, lim)
+        return out
+
     def _encrypt(self, r: int, delta: dict[str, np.ndarray], weight: int) -> wire.Payload:
-        """ckks mode: clip Δ to ±ckks.max_abs_value, encrypt (weight·Δ, weight) in chunks."""
+        """ckks mode: encrypt (weight·Δ, weight) in chunks; Δ was clipped by :meth:`_ckks_clip`.
+
+        Without DP filters every value is within ±``ckks.max_abs_value`` and larger ones are
+        refused; after a noise filter the values may exceed it by the noise, so only what the
+        parameters cannot encode is refused.
+        """
         from aggregator.ckks import chunks_to_tensors
         from crypto import ckks
         from crypto.errors import CryptoInputError
@@ -448,15 +473,10 @@ class SiteSession:
         if not np.all(np.isfinite(flat)):
             raise FedbratsError(f"site {self.site}: round {r}: refusing to encrypt an update "
                                 f"with {int(np.sum(~np.isfinite(flat)))} non-finite value(s)")
-        lim = self.cfg.ckks.max_abs_value
-        self.clipped = int(np.count_nonzero(np.abs(flat) > lim))
-        if self.clipped:
-            _LOGGER.warning("site %s: round %d: %d update value(s) clipped to ±%g before "
-                            "encryption", self.site, r, self.clipped, lim)
-        np.clip(flat, -lim, lim, out=flat)
+        bound = None if self.filters else self.cfg.ckks.max_abs_value
         try:
             chunks = ckks.encrypt_update(flat * weight, float(weight), self.ckks_ctx,
-                                         max_abs_value=lim)
+                                         max_abs_value=bound)
         except (CryptoInputError, FedbratsError) as exc:
             raise FedbratsError(f"site {self.site}: round {r}: refusing to encrypt: {exc}") \
                 from None
