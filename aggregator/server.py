@@ -122,6 +122,12 @@ class AggregatorCore:
         else:
             self._sum = make_secure_sum(fed.secure_aggregation)
         self._global = initial_model
+        if fed.secure_aggregation == "mask":
+            # Fail at start-up, not at round 1: the bit budget (with any DP noise headroom,
+            # which depends on the model's size) must fit the modulus.
+            from fedbrats.masking import quant_params
+
+            quant_params(cfg, dim=sum(int(np.asarray(v).size) for v in initial_model.values()))
         self._global_payload = wire.pack_tensors(initial_model)
         self.model_signature = wire.model_signature(initial_model)
         self._result_payloads: dict[int, wire.Payload] = {}

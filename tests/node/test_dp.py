@@ -597,3 +597,14 @@ def test_make_rng_is_seeded_from_urandom_by_default():
         make_rng(-1)
     acc = SampleLevelAccountant()
     assert acc.epsilon(1e-5) == 0.0
+
+
+def test_aggregator_refuses_at_start_up_when_the_noise_headroom_does_not_fit():
+    from aggregator.server import AggregatorCore
+    from fedbrats.errors import ConfigError
+
+    model = {"w": np.zeros(1000, np.float32)}
+    with pytest.raises(ConfigError, match="bits of noise headroom"):
+        AggregatorCore(_mask_cfg(bits=36), model, save_model=lambda p, t, r: None)
+    # the same federation without the noise starts
+    AggregatorCore(_mask_cfg(mode=(), bits=36), model, save_model=lambda p, t, r: None)
