@@ -154,6 +154,22 @@ def _collate_image_label(samples: list[Mapping[str, Any]]) -> dict[str, torch.Te
     }
 
 
+def learning_rate_at(training: TrainingConfig, round_index: int, planned_rounds: int | None) -> float:
+    """Adam's learning rate in round ``round_index`` (1-based) of ``planned_rounds``.
+
+    Geometric decay from ``training.learning_rate`` (round 1) to
+    ``training.final_learning_rate`` (round ``planned_rounds``):
+    ``lr_r = lr_1 · (lr_final / lr_1) ** ((r − 1) / (planned_rounds − 1))``, held at the final
+    value after the plan.  Constant ``learning_rate`` when ``final_learning_rate`` is 0, when
+    ``planned_rounds`` is None or 1, or for round indices below 1.
+    """
+    lr, final = float(training.learning_rate), float(training.final_learning_rate)
+    if final <= 0 or not planned_rounds or planned_rounds <= 1 or round_index <= 1:
+        return lr
+    t = min(1.0, (round_index - 1) / (planned_rounds - 1))
+    return lr * (final / lr) ** t
+
+
 class LocalTrainer:
     """Runs local rounds of Adam on random patches of a site's training cases.
 
@@ -257,6 +273,7 @@ class LocalTrainer:
         )
         self.loss_fn = make_loss()
         self.optimizer: torch.optim.Optimizer | None = None
+        self.planned_rounds = planned_rounds
         self.site = str(site)
         self._dp: _DPState | None = None
         if dp_cfg is not None and "dp-sgd" in tuple(dp_cfg.mode):
@@ -343,6 +360,14 @@ class LocalTrainer:
             raise FedbratsError(f"site {self.site or '?'}: {what}: DP-SGD is not enabled (dp.mode lacks 'dp-sgd')")
         return self._dp
 
+    def learning_rate(self, round_index: int) -> float:
+        """Adam's learning rate in round ``round_index`` (see :func:`learning_rate_at`)."""
+        return learning_rate_at(self.training, round_index, self.planned_rounds)
+
+    def _set_learning_rate(self, round_index: int) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(round_index)
+
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.parameters(), lr=self.training.learning_rate)
 
@@ -379,6 +404,7 @@ class LocalTrainer:
         self._generator.manual_seed(rs)
         if self.optimizer is None or self.training.optimizer_restart:
             self.optimizer = self._new_optimizer()
+        self._set_learning_rate(round_index)
         self.model.train()
         batches = self._batches()
         losses: list[float] = []
@@ -392,7 +418,7 @@ class LocalTrainer:
             if not math.isfinite(value):
                 raise FedbratsError(
                     f"round {round_index}, step {step}: training loss is {value}; "
-                    f"lower training.learning_rate (now {self.training.learning_rate})"
+                    f"lower training.learning_rate (now {self.learning_rate(round_index)} in this round)"
                 )
             loss.backward()
             self.optimizer.step()
@@ -451,6 +477,7 @@ class LocalTrainer:
             self._transform.set_random_state(seed=rs)
         if self.optimizer is None or self.training.optimizer_restart:
             self.optimizer = self._new_dp_optimizer()
+        self._set_learning_rate(round_index)
         opt = self.optimizer
         self.model.train()
         n, chunk_size = self.num_samples, max(1, int(self.training.batch_size))
@@ -475,7 +502,7 @@ class LocalTrainer:
                     if not math.isfinite(v):
                         raise FedbratsError(
                             f"site {self.site or '?'}: round {round_index}, step {step}: training loss is {v}; "
-                            f"lower training.learning_rate (now {self.training.learning_rate})"
+                            f"lower training.learning_rate (now {self.learning_rate(round_index)} in this round)"
                         )
                     loss.backward()
                     total += v * len(chunk)
