@@ -5,9 +5,12 @@ What is timed, for n sites and P float32 parameters (updates uniform in +-0.05):
 
 fedbrats (this repository, run with the fedbrats interpreter, ``PYTHONPATH`` = repo root):
     * per-site masking, complete graph -- what ``node.secagg_client.MaskingClient.mask`` does:
-      flatten, ``crypto.quantize.quantize`` (stochastic rounding, times the weight), append the
-      weight, ``crypto.primitives.x25519_shared`` with each of the n-1 neighbours and
-      ``crypto.secagg.mask_update`` (self mask + n-1 pairwise masks; HKDF + ChaCha20 PRG);
+      flatten into P+1 float32 slots, ``crypto.quantize.quantize`` (stochastic rounding, times
+      the weight; it also refuses non-finite values), the weight into the last slot,
+      ``crypto.primitives.x25519_shared`` with each of the n-1 neighbours and
+      ``crypto.secagg.mask_update`` (self mask + n-1 pairwise masks; HKDF + ChaCha20 PRG), with
+      ``--threads`` crypto threads (default ``crypto.primitives.worker_threads()``) and, for
+      reference, with one;
     * the same with a SecAgg+ graph of degree k = 2*ceil(log2 n) (``crypto.secagg.neighbours``);
     * aggregator: modular sum of the n masked vectors, ``crypto.secagg.unmask_sum`` with every
       self seed (no drop), weight check, ``crypto.quantize.dequantize_sum``; and the same with one
@@ -24,9 +27,11 @@ in the order Flower's ``secaggplus_mod`` / ``SecAggPlusWorkflow`` call them.  Th
 itself under that interpreter with ``--flwr-worker``; it imports nothing from fedbrats there.
 
 Reference: one local training step of the demo model (SegResNet, 8 initial filters, batch 2,
-48^3 patches, 4 channels, Dice loss + Adam, one thread).
+48^3 patches, 4 channels, Dice loss + Adam) with ``torch.set_num_threads`` = each of
+``--train-threads`` (default 1 -- what the demo uses per node -- and 2).
 
-Every timing is the median of ``--repeats`` runs.  Peak memory is the growth of the resident
+Every timing is the median of ``--repeats`` runs, in process CPU time (user + system, all
+threads) and in wall time; the load average is recorded per case.  Peak memory is the growth of the resident
 set (``VmHWM`` after resetting it via ``/proc/self/clear_refs``) over the resident size before
 the operation; it is left out where ``/proc`` does not allow it.
 
@@ -147,9 +152,11 @@ def log(msg: str) -> None:
 # fedbrats
 
 
-def fedbrats_case(n: int, p: int, repeats: int) -> dict[str, Any]:
+def fedbrats_case(n: int, p: int, repeats: int, threads: int | None = None) -> dict[str, Any]:
     from crypto import primitives, secagg
     from crypto import quantize as quant
+
+    threads = primitives.worker_threads(threads)
 
     params = quant.check_budget(
         quant.QuantParams(clip=CLIP, bits=BITS, modulus_bits=MODULUS_BITS, max_sites=n, max_weight=MAX_WEIGHT),
@@ -168,24 +175,34 @@ def fedbrats_case(n: int, p: int, repeats: int) -> dict[str, Any]:
     me = sites[0]
 
     # -- one site, as MaskingClient.mask does it ----------------------------------------------
-    def quantise(site: str) -> np.ndarray:
+    def quantise(site: str, th: int = threads) -> np.ndarray:
+        # MaskingClient.mask: flatten into P + 1 float32 slots, quantise, weight in the last slot.
         delta = {"update": updates[site]}
-        flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in delta.values()])
-        q, _clipped = quant.quantize(flat, params, seed=os.urandom(16), weight=weights[site])
-        return np.concatenate([q, np.array([weights[site]], dtype=params.dtype)])
+        dim = int(sum(np.size(v) for v in delta.values()))
+        flat = np.empty(dim + 1, dtype=np.float32)
+        pos = 0
+        for v in delta.values():
+            a = np.asarray(v).reshape(-1)
+            flat[pos:pos + a.size] = a
+            pos += a.size
+        flat[dim] = 0.0
+        vec, _clipped = quant.quantize(flat, params, seed=os.urandom(16), weight=weights[site], threads=th)
+        vec[dim] = weights[site]
+        return vec
 
     def agree(site: str, nbrs: frozenset[str]) -> dict[str, bytes]:
         return {v: primitives.x25519_shared(keys[site][0], keys[v][1]) for v in nbrs}
 
-    def mask(site: str, nbrs: frozenset[str]) -> np.ndarray:
-        vec = quantise(site)
+    def mask(site: str, nbrs: frozenset[str], th: int = threads) -> np.ndarray:
+        vec = quantise(site, th)
         pairwise = agree(site, nbrs)
         return secagg.mask_update(vec, self_seed=seeds[site], pairwise_keys=pairwise, own_id=site,
-                                  round=ROUND, federation=FEDERATION, bits=bits)
+                                  round=ROUND, federation=FEDERATION, bits=bits, threads=th)
 
-    res: dict[str, Any] = {"n": n, "P": p, "modulus_bits": bits, "k": k,
+    res: dict[str, Any] = {"n": n, "P": p, "modulus_bits": bits, "k": k, "threads": threads, "loadavg": _loadavg(),
                            "k_effective": len(sparse[me]), "pairwise_complete": n - 1}
     res["site_mask"] = bench(lambda: mask(me, complete[me]), repeats)
+    res["site_mask_1thread"] = bench(lambda: mask(me, complete[me], 1), repeats)
     res["site_mask_secaggplus"] = bench(lambda: mask(me, sparse[me]), repeats)
 
     # Profile of the complete-graph site work: quantisation / key agreement / PRG masks.
@@ -198,9 +215,10 @@ def fedbrats_case(n: int, p: int, repeats: int) -> dict[str, Any]:
                                                      round=ROUND, i=me, j=v) for v, s in secrets0.items()],
                       repeats),
         "mask_update": bench(lambda: secagg.mask_update(vec0, self_seed=seeds[me], pairwise_keys=secrets0,
-                                                        own_id=me, round=ROUND, federation=FEDERATION, bits=bits),
+                                                        own_id=me, round=ROUND, federation=FEDERATION, bits=bits,
+                                                        threads=threads),
                              repeats),
-        "prg_one_mask": bench(lambda: primitives.prg_uint(seeds[me], p + 1, bits=bits), repeats),
+        "prg_one_mask": bench(lambda: primitives.prg_uint(seeds[me], p + 1, bits=bits, threads=threads), repeats),
     }
     del vec0
 
@@ -215,7 +233,8 @@ def fedbrats_case(n: int, p: int, repeats: int) -> dict[str, Any]:
 
     def finish(total: np.ndarray, survivors: list[str], dropped_pairs: dict) -> np.ndarray:
         out = secagg.unmask_sum(total, survivors_self_seeds={s: seeds[s] for s in survivors},
-                                dropped_pairwise=dropped_pairs, round=ROUND, federation=FEDERATION, bits=bits)
+                                dropped_pairwise=dropped_pairs, round=ROUND, federation=FEDERATION, bits=bits,
+                                threads=threads)
         w = int(out[-1])
         if not 1 <= w <= len(survivors) * MAX_WEIGHT:
             raise AssertionError(f"unmasked weight {w} impossible: masks did not cancel")
@@ -433,7 +452,7 @@ def run_flower(args: argparse.Namespace) -> dict[str, Any]:
 # Training step reference
 
 
-def train_step(steps: int, warmup: int) -> dict[str, Any]:
+def train_step(steps: int, warmup: int, threads: int = 1) -> dict[str, Any]:
     import torch
 
     from fedbrats.config import Config
@@ -448,7 +467,7 @@ def train_step(steps: int, warmup: int) -> dict[str, Any]:
             return DiceLoss(sigmoid=True, squared_pred=True, smooth_nr=0.0, smooth_dr=1e-5, batch=True)
 
     cfg = Config()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     model.train()
@@ -470,7 +489,7 @@ def train_step(steps: int, warmup: int) -> dict[str, Any]:
     for _ in range(warmup):
         step()
     r = bench(step, steps)
-    r.update({"params": n_params, "batch": batch, "patch": list(side), "threads": torch.get_num_threads(),
+    r.update({"loadavg": _loadavg(), "params": n_params, "batch": batch, "patch": list(side), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "warmup": warmup, "steps": steps})
     return r
 
@@ -502,6 +521,74 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _cpu_busy(interval: float = 3.0) -> float | None:
+    """Percentage of all CPUs busy (any process) over ``interval`` seconds, from /proc/stat."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        t1, i1 = sample()
+        time.sleep(interval)
+        t2, i2 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(100.0 * ((t2 - t1) - (i2 - i1)) / max(1, t2 - t1), 1)
+
+
+def _wait_idle(max_busy: float, timeout: float) -> float | None:
+    """Block until the CPUs are below ``max_busy`` % busy (other jobs paused); the busy figure
+    seen, or None after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = _cpu_busy()
+        if busy is None:
+            return None
+        if busy < max_busy:
+            return busy
+    return None
+
+
+def idle_headline(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The 10 sites x 5M case and the training steps again, each run started on an idle machine.
+
+    On a shared machine the wall-clock figures of the main run are inflated by other jobs; this
+    waits (up to ``--idle-timeout`` s per run) until the CPUs are nearly idle and records the
+    busy percentage just before and just after each run.  A run after which the CPUs are busy
+    again (another job started during it) is kept but marked ``contaminated`` and does not
+    count; at most ``2 * --idle-runs`` attempts are made.
+    """
+    runs: list[dict[str, Any]] = []
+    clean = 0
+    for attempt in range(2 * args.idle_runs):
+        if clean >= args.idle_runs:
+            break
+        busy = _wait_idle(args.idle_max_busy, args.idle_timeout)
+        if busy is None:
+            runs.append({"skipped": f"no idle window within {args.idle_timeout} s"})
+            break
+        log(f"[idle {attempt + 1}] CPUs {busy} % busy")
+        run: dict[str, Any] = {"busy_before_pct": busy, "loadavg_start": _loadavg()}
+        run["case"] = fedbrats_case(10, 5_000_000, args.repeats, args.threads)
+        steps = args.train_steps or 5
+        run["train_steps"] = {str(th): train_step(steps, warmup=2, threads=th) for th in args.train_threads}
+        run["loadavg_end"] = _loadavg()
+        run["busy_after_pct"] = _cpu_busy(1.0)
+        run["contaminated"] = _contaminated(run, args.idle_max_busy)
+        clean += not run["contaminated"]
+        runs.append(run)
+    return runs
+
+
+def _contaminated(run: dict[str, Any], max_busy: float) -> bool:
+    """Another job was running at the end of an idle run: its CPUs are busy again afterwards
+    (more than twice the idle threshold)."""
+    after = run.get("busy_after_pct")
+    return after is None or after > 2 * max_busy
+
+
 def _ms(x: float | None) -> str:
     return "—" if x is None else (f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.1f}")
 
@@ -517,13 +604,15 @@ def _params(p: int) -> str:
 def markdown(result: dict[str, Any]) -> str:
     fl = {(c["n"], c["P"]): c for c in result["flower"].get("cases", [])}
     lines = [
-        f"Medians of {result['settings']['repeats']} runs, {result['clock']} time; load average "
+        f"Medians of {result['settings']['repeats']} runs, {result['clock']} time; fedbrats uses "
+        f"{result['settings']['threads']} crypto thread(s) unless a column says 1 thread; load average "
         f"{result.get('loadavg_start')} at start, {result.get('loadavg_end')} at end.",
         "",
-        "| n | P | fedbrats mask / site (ms) | fedbrats SecAgg+ k / site (ms) | fedbrats unmask (ms) "
+        "| n | P | fedbrats mask / site (ms) | fedbrats mask / site, 1 thread (ms) "
+        "| fedbrats SecAgg+ k / site (ms) | fedbrats unmask (ms) "
         "| fedbrats unmask, 1 drop (ms) | plain sum (ms) | Flower / site (ms) | Flower unmask (ms) "
         "| Flower unmask, 1 drop (ms) | fedbrats/Flower site | fedbrats/Flower unmask |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in result["fedbrats"]:
         f = fl.get((c["n"], c["P"]))
@@ -535,7 +624,8 @@ def markdown(result: dict[str, Any]) -> str:
         f_unmask_drop = f["agg_sum_drop1"]["median_s"] + f["agg_unmask_drop1"]["median_s"] if f else None
         kk = f"{_ms(c['site_mask_secaggplus']['median_s'])} (k={c['k_effective']})"
         lines.append(
-            f"| {c['n']} | {_params(c['P'])} | {_ms(site)} | {kk} | {_ms(unmask)} | {_ms(unmask_drop)} "
+            f"| {c['n']} | {_params(c['P'])} | {_ms(site)} | {_ms(c['site_mask_1thread']['median_s'])} "
+            f"| {kk} | {_ms(unmask)} | {_ms(unmask_drop)} "
             f"| {_ms(c['plain_sum']['median_s'])} | {_ms(f_site)} | {_ms(f_unmask)} | {_ms(f_unmask_drop)} "
             f"| {_ratio(site, f_site)} | {_ratio(unmask, f_unmask)} |"
         )
@@ -557,30 +647,88 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {f['site_mask']['peak_extra_mib'] if f else '—'} |"
         )
     lines += ["", "Wall-clock medians (ms; inflated when other jobs share the cores -- see the load average):", "",
-              "| n | P | fedbrats mask / site | fedbrats unmask | plain sum | Flower / site | Flower unmask |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
+              "| n | P | fedbrats mask / site | fedbrats mask / site, 1 thread | fedbrats unmask | plain sum "
+              "| Flower / site | Flower unmask |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in result["fedbrats"]:
         f = fl.get((c["n"], c["P"]))
         lines.append(
             f"| {c['n']} | {_params(c['P'])} | {_ms(c['site_mask']['wall_median_s'])} "
+            f"| {_ms(c['site_mask_1thread']['wall_median_s'])} "
             f"| {_ms(c['agg_sum']['wall_median_s'] + c['agg_unmask']['wall_median_s'])} "
             f"| {_ms(c['plain_sum']['wall_median_s'])} | {_ms(f['site_mask']['wall_median_s']) if f else '—'} "
             f"| {_ms(f['agg_sum']['wall_median_s'] + f['agg_unmask']['wall_median_s']) if f else '—'} |"
         )
     if "skipped" in result["flower"]:
         lines += ["", f"Flower skipped: {result['flower']['skipped']}"]
-    t = result.get("train_step")
-    if t:
+    steps = result.get("train_steps") or {}
+    ref = next((c for c in result["fedbrats"] if c["n"] == 10 and c["P"] == 5_000_000), None)
+    for th, t in sorted(steps.items(), key=lambda kv: int(kv[0])):
         lines += ["", f"Training step (SegResNet {t['params']:,} parameters, batch {t['batch']}, "
-                      f"patch {'x'.join(map(str, t['patch']))}, {t['threads']} thread): "
-                      f"median {_ms(t['median_s'])} ms ({result['clock']}; wall {_ms(t['wall_median_s'])} ms) "
+                      f"patch {'x'.join(map(str, t['patch']))}, torch {t['threads']} thread(s)): "
+                      f"median CPU {_ms(t['cpu_median_s'])} ms, wall {_ms(t['wall_median_s'])} ms "
                       f"over {t['steps']} steps after {t['warmup']} warm-up"]
-        ref = next((c for c in result["fedbrats"] if c["n"] == 10 and c["P"] == 5_000_000), None)
         if ref:
-            r = ref["site_mask"]["median_s"] / t["median_s"]
-            lines.append(f"Per-site masking, 10 sites x 5M / one training step: {r:.1%} "
-                         f"({'below' if r < 0.10 else 'NOT below'} 10 %)")
+            for label, m in ((f"{ref['threads']} crypto thread(s)", ref["site_mask"]),
+                             ("1 crypto thread", ref["site_mask_1thread"])):
+                rc, rw = m["cpu_median_s"] / t["cpu_median_s"], m["wall_median_s"] / t["wall_median_s"]
+                lines.append(f"  10 sites x 5M masking ({label}) / this step: CPU {rc:.1%} "
+                             f"({'below' if rc < 0.10 else 'NOT below'} 10 %), wall {rw:.1%} "
+                             f"({'below' if rw < 0.10 else 'NOT below'} 10 %)")
+    lines += _idle_markdown(result.get("idle_headline") or [], result["settings"].get("idle_max_busy", 8.0))
     return "\n".join(lines)
+
+
+def _idle_markdown(runs: list[dict[str, Any]], max_busy: float) -> list[str]:
+    ran = [r for r in runs if "case" in r]
+    if not runs:
+        return []
+    for r in ran:  # runs written before the flag existed
+        r.setdefault("contaminated", _contaminated(r, max_busy))
+    done = [r for r in ran if not r["contaminated"]]
+    lines = ["", f"10 sites x 5M on an idle machine ({len(done)} clean of {len(ran)} runs; a run is "
+                 f"contaminated when the CPUs are > {2 * max_busy:g} % busy right after it; ms, CPU / wall):", "",
+             "| run | CPUs busy before / after (%) | load avg | mask, T threads | mask, 1 thread "
+             "| step, torch 1 thread | step, torch 2 threads |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(ran, 1):
+        c, st = r["case"], r["train_steps"]
+
+        def cw(m: dict[str, Any]) -> str:
+            return f"{_ms(m['cpu_median_s'])} / {_ms(m['wall_median_s'])}"
+
+        lines.append(f"| {i}{' (contaminated)' if r['contaminated'] else ''} "
+                     f"| {r['busy_before_pct']} / {r['busy_after_pct']} | {r['loadavg_start']} "
+                     f"| {cw(c['site_mask'])} (T={c['threads']}) | {cw(c['site_mask_1thread'])} "
+                     f"| {cw(st['1']) if '1' in st else '—'} | {cw(st['2']) if '2' in st else '—'} |")
+    if not done:
+        return lines
+
+    def med(get: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(get(r) for r in done)
+
+    t = done[0]["case"]["threads"]
+    mask_cpu = med(lambda r: r["case"]["site_mask"]["cpu_median_s"])
+    mask_wall = med(lambda r: r["case"]["site_mask"]["wall_median_s"])
+    mask1_wall = med(lambda r: r["case"]["site_mask_1thread"]["wall_median_s"])
+    lines += ["", "Median over the clean idle runs, per-site masking / one training step:"]
+    st = done[0]["train_steps"]
+    if "1" in st:
+        s1_cpu = med(lambda r: r["train_steps"]["1"]["cpu_median_s"])
+        s1_wall = med(lambda r: r["train_steps"]["1"]["wall_median_s"])
+        lines += [f"* CPU time, mask ({t} threads) / step (torch 1 thread): {mask_cpu / s1_cpu:.1%}",
+                  f"* wall, mask ({t} threads) / step (torch 1 thread, as the demo trains): {mask_wall / s1_wall:.1%}",
+                  f"* wall, mask (1 thread) / step (torch 1 thread): {mask1_wall / s1_wall:.1%}"]
+    if str(t) in st:
+        st_wall = med(lambda r: r["train_steps"][str(t)]["wall_median_s"])
+        lines.append(f"* wall, mask ({t} threads) / step (torch {t} threads): {mask_wall / st_wall:.1%}")
+    return lines
+
+
+def _crypto_threads(threads: int | None) -> int:
+    from crypto.primitives import worker_threads
+
+    return worker_threads(threads)
 
 
 def _int_list(text: str) -> list[int]:
@@ -595,12 +743,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timings per measurement; the median is kept")
     ap.add_argument("--train-steps", type=int, default=None, help="timed training steps (default 5; quick 3)")
     ap.add_argument("--no-train", action="store_true", help="skip the training-step reference")
+    ap.add_argument("--train-threads", type=_int_list, default=[1, 2],
+                    help="torch thread counts of the training-step reference (default 1,2)")
+    ap.add_argument("--idle-runs", type=int, default=0,
+                    help="afterwards, run the 10 x 5M case and the training steps this many more times, "
+                         "each started once the CPUs are idle (for wall-clock figures on a shared machine)")
+    ap.add_argument("--idle-max-busy", type=float, default=8.0, help="CPU %% busy that counts as idle")
+    ap.add_argument("--idle-timeout", type=float, default=900.0, help="seconds to wait for each idle window")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="fedbrats crypto threads (default: crypto.primitives.worker_threads())")
     ap.add_argument("--flwr-python", default=DEFAULT_FLWR_PYTHON, help="interpreter with flwr installed")
     ap.add_argument("--no-flwr", action="store_true", help="skip the Flower comparison")
     ap.add_argument("--flwr-timeout", type=int, default=900, help="seconds allowed for the Flower part")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="clock of the reported medians (both are kept in the JSON; default cpu)")
     ap.add_argument("--out", type=Path, default=None, help="write the full results as JSON here")
+    ap.add_argument("--from-json", type=Path, default=None, help="only print the tables of an earlier --out file")
     ap.add_argument("--flwr-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.sites = args.sites or ([5, 10] if args.quick else [5, 10, 20])
@@ -609,6 +767,9 @@ def main(argv: list[str] | None = None) -> int:
     CLOCK = args.clock
     if args.flwr_worker:
         return flower_worker(args)
+    if args.from_json:
+        print(markdown(json.loads(args.from_json.read_text(encoding="utf-8"))))
+        return 0
 
     if str(REPO) not in sys.path:
         sys.path.append(str(REPO))
@@ -619,19 +780,24 @@ def main(argv: list[str] | None = None) -> int:
                               "loadavg_start": _loadavg(),
                               "settings": {"clip": CLIP, "bits": BITS, "modulus_bits": MODULUS_BITS,
                                            "max_weight": MAX_WEIGHT, "update_range": UPDATE_RANGE,
-                                           "repeats": args.repeats, "sites": args.sites, "params": args.params},
+                                           "repeats": args.repeats, "sites": args.sites, "params": args.params,
+                                           "threads": _crypto_threads(args.threads),
+                                           "idle_runs": args.idle_runs, "idle_max_busy": args.idle_max_busy},
                               "fedbrats": []}
     for p in args.params:
         for n in args.sites:
             log(f"[fedbrats] n={n} P={p}")
-            result["fedbrats"].append(fedbrats_case(n, p, args.repeats))
+            result["fedbrats"].append(fedbrats_case(n, p, args.repeats, args.threads))
             _libc_trim()
     log("[flower] running in a subprocess")
     result["flower"] = run_flower(args)
     if not args.no_train:
         log("[train] reference training step")
         steps = args.train_steps or (3 if args.quick else 5)
-        result["train_step"] = train_step(steps, warmup=1 if args.quick else 2)
+        result["train_steps"] = {str(th): train_step(steps, warmup=1 if args.quick else 2, threads=th)
+                                 for th in args.train_threads}
+    if args.idle_runs:
+        result["idle_headline"] = idle_headline(args)
     result["elapsed_s"] = time.perf_counter() - t_start
     result["loadavg_end"] = _loadavg()
     table = markdown(result)

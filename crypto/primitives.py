@@ -23,15 +23,19 @@ References:
 from __future__ import annotations
 
 import hmac
+import os
 import re
 import struct
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -56,6 +60,7 @@ __all__ = [
     "prg_uint",
     "sha256",
     "u64be",
+    "worker_threads",
     "x25519_keypair",
     "x25519_shared",
 ]
@@ -87,6 +92,89 @@ _ZERO_CHUNK = bytes(_PRG_CHUNK)
 #: Slice of keystream per seed in :func:`_prg_accumulate` (a multiple of the 64-byte ChaCha20
 #: block; small enough that the scratch and the output slice stay in cache).
 _PRG_SLICE_BYTES = 1 << 18
+#: ChaCha20 block size, bytes.  A keystream split across threads is split at block boundaries:
+#: the slice starting at block ``c`` is the keystream of the same key with the block counter
+#: (the first, little-endian 32-bit word of ``cryptography``'s 16-byte ChaCha20 nonce) set to ``c``.
+_CHACHA_BLOCK = 64
+
+#: Environment variable that sets the worker threads of mask expansion and quantisation.
+THREADS_ENV = "FEDBRATS_CRYPTO_THREADS"
+#: Worker threads when neither the caller nor :data:`THREADS_ENV` says (capped by the usable CPUs).
+DEFAULT_THREADS = 4
+#: Below this many words (or values) per thread, work stays on the calling thread: thread
+#: start-up would cost more than it saves.
+MIN_WORDS_PER_THREAD = 1 << 17
+
+_T = TypeVar("_T")
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker threads (mask expansion and quantisation release the GIL: OpenSSL's ``update_into``
+# and numpy's ufuncs and ``Generator.random(out=...)`` all run without it)
+
+
+def worker_threads(threads: int | None = None) -> int:
+    """How many threads mask expansion (and :func:`crypto.quantize.quantize`) may use.
+
+    The result never changes any output: the work is split into contiguous ranges whose results
+    are bit-identical to the single-threaded computation.
+
+    Args:
+        threads: requested count, ``>= 1``; ``None`` reads the environment variable
+            ``FEDBRATS_CRYPTO_THREADS`` and falls back to :data:`DEFAULT_THREADS`.
+
+    Returns:
+        ``threads`` as given when the caller passes it; otherwise ``min(FEDBRATS_CRYPTO_THREADS or
+        DEFAULT_THREADS, usable CPUs)``.
+
+    Raises:
+        CryptoInputError: ``threads`` (or the environment variable) is not an integer ``>= 1``.
+    """
+    if threads is not None:
+        return _require_int("threads", threads, 1, 1 << 10)
+    text = os.environ.get(THREADS_ENV, "").strip()
+    wanted = DEFAULT_THREADS
+    if text:
+        try:
+            wanted = int(text)
+        except ValueError:
+            raise CryptoInputError(f"{THREADS_ENV} must be an integer >= 1, got {text!r}") from None
+        wanted = _require_int(THREADS_ENV, wanted, 1, 1 << 10)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(wanted, cpus))
+
+
+def _split_range(count: int, parts: int, align: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: ``[0, count)`` cut into at most ``parts`` contiguous ranges of
+    nearly equal length, every inner boundary a multiple of ``align`` (no empty range)."""
+    parts = max(1, min(parts, count // max(MIN_WORDS_PER_THREAD, align)))
+    bounds = [0]
+    for i in range(1, parts):
+        cut = (count * i // parts) // align * align
+        if cut > bounds[-1]:
+            bounds.append(cut)
+    bounds.append(count)
+    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _run_ranges(fn: Callable[[int, int], _T], ranges: Sequence[tuple[int, int]]) -> list[_T]:
+    """``[fn(start, stop) for each range]``, the first on this thread, the others on a thread
+    pool.  Every range finishes before this returns; the first exception is re-raised."""
+    if len(ranges) <= 1:
+        return [fn(a, b) for a, b in ranges]
+    with ThreadPoolExecutor(max_workers=len(ranges) - 1, thread_name_prefix="fedbrats-crypto") as pool:
+        futures = [pool.submit(fn, a, b) for a, b in ranges[1:]]
+        try:
+            first = fn(*ranges[0])
+        finally:
+            done = [f.exception() for f in futures]  # waits for every worker
+        errors = [e for e in done if e is not None]
+        if errors:
+            raise errors[0]
+        return [first, *(f.result() for f in futures)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +371,7 @@ def derive_key(shared_secret: bytes, *, purpose: str, federation: str, round: in
 # Mask expansion (the PRG of Bonawitz et al. 2017)
 
 
-def prg_uint(seed: bytes, count: int, *, bits: int) -> np.ndarray:
+def prg_uint(seed: bytes, count: int, *, bits: int, threads: int | None = None) -> np.ndarray:
     """Expand a 32-byte seed into ``count`` uniformly random unsigned integers.
 
     The stream is the ChaCha20 keystream (RFC 8439 block function; ``cryptography``'s
@@ -297,6 +385,8 @@ def prg_uint(seed: bytes, count: int, *, bits: int) -> np.ndarray:
         seed: exactly 32 bytes (never shortened, never padded).
         count: number of words, ``count >= 0``.
         bits: 32 or 64.
+        threads: worker threads (see :func:`worker_threads`; ``None`` = the default).  Long
+            expansions are split at ChaCha20 block boundaries; the output does not depend on it.
 
     Returns:
         A new, writable ``np.ndarray`` of shape ``(count,)`` and dtype ``uint32``/``uint64``.
@@ -310,52 +400,99 @@ def prg_uint(seed: bytes, count: int, *, bits: int) -> np.ndarray:
     count = _require_int("count", count, 0, (_PRG_MAX_BYTES // dtype.itemsize) + 1)
     out = np.empty(count, dtype=dtype)
     raw = out.view(np.uint8)
-    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
     view = memoryview(raw)
-    for start in range(0, raw.size, _PRG_CHUNK):
-        stop = min(start + _PRG_CHUNK, raw.size)
-        encryptor.update_into(memoryview(_ZERO_CHUNK)[: stop - start], view[start:stop])
+    zeros = memoryview(_ZERO_CHUNK)
+
+    per_block = _CHACHA_BLOCK // dtype.itemsize
+
+    def fill(first: int, last: int) -> None:  # words [first, last), first on a block boundary
+        encryptor = _chacha20_at(seed, first // per_block)
+        start, stop = first * dtype.itemsize, last * dtype.itemsize
+        for pos in range(start, stop, _PRG_CHUNK):
+            end = min(pos + _PRG_CHUNK, stop)
+            encryptor.update_into(zeros[: end - pos], view[pos:end])
+
+    _run_ranges(fill, _split_range(count, worker_threads(threads), per_block))
     return out  # the dtype is explicitly little-endian, so values are right on any host
 
 
-def _prg_accumulate(out: np.ndarray, terms: list[tuple[bytes, bool]], *, bits: int) -> None:
-    """In place: ``out += sum(-/+ prg_uint(seed, out.size, bits=bits)) mod 2**bits``.
+def _chacha20_at(seed: bytes, block: int) -> CipherContext:
+    """A ChaCha20 encryptor of ``seed`` positioned at keystream block ``block``: the 16-byte
+    ``cryptography`` nonce is ``u32le(block) || 12 zero bytes`` (RFC 8439 §2.3 counter, then
+    the zero 96-bit nonce), so block 0 is the stream of :func:`prg_uint`."""
+    return Cipher(algorithms.ChaCha20(seed, struct.pack("<I", block) + bytes(12)), mode=None).encryptor()
+
+
+def _prg_accumulate(
+    out: np.ndarray,
+    terms: list[tuple[bytes, bool]],
+    *,
+    bits: int,
+    threads: int | None = None,
+    src: np.ndarray | None = None,
+) -> None:
+    """In place: ``out = (src or out) + sum(-/+ prg_uint(seed, out.size, bits=bits)) mod 2**bits``.
 
     ``terms`` is ``[(seed, subtract), ...]``.  Exactly the same words as :func:`prg_uint` (the
     same ChaCha20 keystream of each seed, read in order), but no mask is ever materialised:
     the keystreams are produced slice by slice into one cache-sized scratch buffer and added to
     (or subtracted from) that slice of ``out`` while it is in cache, all seeds per slice.
 
+    With several threads, ``out`` is cut into contiguous ranges that start on ChaCha20 block
+    boundaries; each thread expands every seed from that block on (:func:`_chacha20_at`) into
+    its own range only.  Addition modulo ``2**bits`` is exact, so the result is bit-identical to
+    the single-threaded one.
+
     Args:
-        out: 1-D C-contiguous native ``uint32``/``uint64`` array matching ``bits`` (modified).
+        out: 1-D C-contiguous native ``uint32``/``uint64`` array matching ``bits``, shape ``(P,)``
+            (modified).
         terms: ``(32-byte seed, subtract)`` pairs.
         bits: 32 or 64.
+        threads: worker threads (see :func:`worker_threads`; ``None`` = the default).
+        src: optional 1-D unsigned integer array of shape ``(P,)`` and at most ``bits`` bits to
+            start from instead of ``out``'s contents (``out`` is then only written, which saves
+            a copy); it is read, never modified.
+
+    Raises:
+        CryptoInputError: ``out`` or ``src`` is not such an array, a seed is not 32 bytes, or
+            ``threads`` is invalid.
     """
     dtype = _uint_dtype(bits)
     if out.ndim != 1 or out.dtype.itemsize != dtype.itemsize or out.dtype.kind != "u" or not out.flags.c_contiguous:
         raise CryptoInputError(f"out must be a 1-D contiguous uint{bits} array")
     count = _require_int("count", out.size, 0, (_PRG_MAX_BYTES // dtype.itemsize) + 1)
     seeds = [(_require_bytes("seed", seed, KEY_BYTES), bool(subtract)) for seed, subtract in terms]
+    if src is not None and (
+        src.ndim != 1 or src.shape != out.shape or src.dtype.kind != "u" or src.dtype.itemsize > dtype.itemsize
+    ):
+        raise CryptoInputError(f"src must be a 1-D unsigned integer array of out's shape and at most {bits} bits")
     if not seeds or not count:
+        if src is not None:
+            np.copyto(out, src, casting="unsafe")  # same kind, not wider: exact
         return
-    encryptors = [
-        (Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor(), subtract) for seed, subtract in seeds
-    ]
     words = _PRG_SLICE_BYTES // dtype.itemsize
-    scratch = np.empty(min(words, count), dtype=dtype)
-    scratch_bytes = memoryview(scratch.view(np.uint8))
+    per_block = _CHACHA_BLOCK // dtype.itemsize
     zeros = memoryview(_ZERO_CHUNK)
-    for start in range(0, count, words):
-        m = min(words, count - start)
-        nbytes = m * dtype.itemsize
-        part = out[start : start + m]
-        ks = scratch[:m]
-        for encryptor, subtract in encryptors:
-            encryptor.update_into(zeros[:nbytes], scratch_bytes[:nbytes])
-            if subtract:
-                np.subtract(part, ks, out=part)
-            else:
-                np.add(part, ks, out=part)
+
+    def accumulate(first: int, last: int) -> None:  # words [first, last), first on a block boundary
+        encryptors = [(_chacha20_at(seed, first // per_block), subtract) for seed, subtract in seeds]
+        scratch = np.empty(min(words, last - first), dtype=dtype)
+        scratch_bytes = memoryview(scratch.view(np.uint8))
+        for start in range(first, last, words):
+            m = min(words, last - start)
+            nbytes = m * dtype.itemsize
+            part = out[start : start + m]
+            ks = scratch[:m]
+            base = part if src is None else src[start : start + m]
+            for encryptor, subtract in encryptors:
+                encryptor.update_into(zeros[:nbytes], scratch_bytes[:nbytes])
+                if subtract:
+                    np.subtract(base, ks, out=part, dtype=out.dtype)
+                else:
+                    np.add(base, ks, out=part, dtype=out.dtype)
+                base = part
+
+    _run_ranges(accumulate, _split_range(count, worker_threads(threads), per_block))
 
 
 def _uint_dtype(bits: int) -> np.dtype:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from crypto.errors import CryptoInputError
+from crypto.primitives import _run_ranges, _split_range, worker_threads
 from fedbrats.errors import ConfigError
 
 __all__ = ["GUARD_BITS", "QuantParams", "bits_needed", "check_budget", "dequantize_sum", "noise_bits", "quantize"]
@@ -197,7 +198,9 @@ def _generator(seed: int | bytes) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(int(seed)))
 
 
-def quantize(x: np.ndarray, params: QuantParams, *, seed: int | bytes, weight: int = 1) -> tuple[np.ndarray, int]:
+def quantize(
+    x: np.ndarray, params: QuantParams, *, seed: int | bytes, weight: int = 1, threads: int | None = None
+) -> tuple[np.ndarray, int]:
     """Clip, scale and stochastically round an update to integers, times the site's weight.
 
     Args:
@@ -207,6 +210,10 @@ def quantize(x: np.ndarray, params: QuantParams, *, seed: int | bytes, weight: i
         seed: seed of the rounding generator ``Generator(PCG64(seed))``; bytes are read as a
             big-endian integer.  Use a fresh random seed per round.
         weight: the site's integer weight ``1 <= weight <= params.max_weight``.
+        threads: worker threads (:func:`crypto.primitives.worker_threads`; ``None`` = the
+            default).  Thread ``k`` quantises a contiguous range starting at value ``a_k`` with
+            its own ``PCG64(seed)`` advanced by ``a_k`` draws (``PCG64.advance``), so it uses the
+            very draws the single-threaded loop would: the result does not depend on it.
 
     Returns:
         ``(q, clipped)``: ``q = weight * round(v)`` with ``x``'s shape and dtype
@@ -214,53 +221,76 @@ def quantize(x: np.ndarray, params: QuantParams, *, seed: int | bytes, weight: i
 
     Raises:
         CryptoInputError: ``x`` is not floating-point or has non-finite values (the error gives
-            their count; nothing is quantised), or ``weight`` is out of range.
+            their count; nothing is returned), ``weight`` is out of range, or ``seed`` or
+            ``threads`` is invalid.
         ConfigError: the parameters are invalid or do not fit the modulus.
     """
     params = check_budget(params, widen=False)
     x = np.asarray(x)
     if not np.issubdtype(x.dtype, np.floating):
         raise CryptoInputError(f"x must be a floating-point array, got dtype {x.dtype}")
-    finite = np.isfinite(x)
-    if not finite.all():
-        bad = int(finite.size - np.count_nonzero(finite))
-        raise CryptoInputError(f"refusing to quantise: {bad} of {x.size} values are not finite (NaN or Inf)")
     if not _is_int(weight) or not 1 <= weight <= params.max_weight:
         raise CryptoInputError(f"weight must be an integer in [1, {params.max_weight}], got {weight!r}")
-    gen = _generator(seed)
+    _generator(seed)  # refuse a bad seed before any work
     clip = float(params.clip)
     scale = params.levels / (2.0 * clip)
     flat = x.reshape(-1)
     out = np.empty(flat.size, dtype=params.dtype)
-    clipped = 0
-    # Slices bound the float64 temporaries and keep them cache-resident; PCG64 draws are
-    # sequential, so the result does not depend on the slice size.  Every step below is the
-    # float64 operation of the defining formula, done in place in reused buffers:
-    #   v = (clip(x, -clip, clip) + clip) * scale;  q = floor(v);  q += u < (v - q)
-    size = min(flat.size, _CHUNK)
-    v_buf = np.empty(size, dtype=np.float64)
-    q_buf = np.empty(size, dtype=np.float64)
-    u_buf = np.empty(size, dtype=np.float64)
-    b_buf = np.empty(size, dtype=np.bool_)
-    for start in range(0, flat.size, _CHUNK):
-        m = min(_CHUNK, flat.size - start)
-        v, q, u, b = v_buf[:m], q_buf[:m], u_buf[:m], b_buf[:m]
-        np.copyto(v, flat[start : start + m], casting="unsafe")  # exact widening to float64
-        # |x| > clip  <=>  x > clip or x < -clip (x finite, negation exact)
-        clipped += int(np.count_nonzero(np.greater(v, clip, out=b)))
-        clipped += int(np.count_nonzero(np.less(v, -clip, out=b)))
-        np.clip(v, -clip, clip, out=v)
-        np.add(v, clip, out=v)
-        np.multiply(v, scale, out=v)
-        np.floor(v, out=q)
-        np.subtract(v, q, out=v)  # v - floor(v)
-        gen.random(out=u)  # the same draws as gen.random(size=m)
-        np.add(q, np.less(u, v, out=b), out=q)
-        np.clip(q, 0, params.levels, out=q)  # float round-off at the ends
-        out[start : start + m] = q
-    if weight != 1:
-        out *= params.dtype.type(weight)  # fits: weight * L < 2**modulus_bits by the budget
-    return out.reshape(x.shape), clipped
+    w = params.dtype.type(weight)
+    chunk = _CHUNK
+
+    def work(first: int, last: int) -> int | None:
+        """Quantise ``flat[first:last]`` into ``out``; the clipped count, or None if a value is
+        not finite."""
+        gen = _generator(seed)
+        if first:
+            gen.bit_generator.advance(first)  # as if ``first`` values had been rounded before
+        size = min(last - first, chunk)
+        v_buf = np.empty(size, dtype=np.float64)
+        q_buf = np.empty(size, dtype=np.float64)
+        u_buf = np.empty(size, dtype=np.float64)
+        b_buf = np.empty(size, dtype=np.bool_)
+        clipped = 0
+        # Slices keep the float64 temporaries cache-resident; PCG64 draws are sequential, so the
+        # result depends neither on the slice size nor on the ranges.  Every step is the float64
+        # operation of the defining formula, in place in reused buffers:
+        #   v = (clip(x, -clip, clip) + clip) * scale;  q = floor(v);  q += u < (v - q)
+        for start in range(first, last, chunk):
+            m = min(chunk, last - start)
+            v, q, u, b = v_buf[:m], q_buf[:m], u_buf[:m], b_buf[:m]
+            xs = flat[start : start + m]
+            lo, hi = float(np.min(xs)), float(np.max(xs))  # NaN when a value is NaN
+            np.copyto(v, xs, casting="unsafe")  # exact widening to float64
+            if not (-clip <= lo and hi <= clip):  # some value is out of range or not finite
+                if not np.isfinite(v).all():
+                    return None
+                # |x| > clip  <=>  x > clip or x < -clip (x finite, negation exact)
+                clipped += int(np.count_nonzero(np.greater(v, clip, out=b)))
+                clipped += int(np.count_nonzero(np.less(v, -clip, out=b)))
+                np.clip(v, -clip, clip, out=v)
+                hi = min(hi, clip)
+            np.add(v, clip, out=v)
+            np.multiply(v, scale, out=v)
+            np.floor(v, out=q)  # >= 0: v >= (-clip + clip) * scale = 0
+            np.subtract(v, q, out=v)  # v - floor(v), exact
+            gen.random(out=u)  # the same draws as gen.random(size=m)
+            np.less(u, v, out=b)
+            o = out[start : start + m]
+            np.copyto(o, q, casting="unsafe")  # exact: integers in [0, L]
+            np.add(o, b.view(np.uint8), out=o)
+            # Float round-off can put v a hair above L at the top end only.  IEEE add and
+            # multiply are monotonic, so v <= (hi + clip) * scale: clamp only when that is > L - 1.
+            if (hi + clip) * scale > params.levels - 1:
+                np.minimum(o, params.levels, out=o)
+            if weight != 1:
+                np.multiply(o, w, out=o)  # fits: weight * L < 2**modulus_bits by the budget
+        return clipped
+
+    counts = _run_ranges(work, _split_range(flat.size, worker_threads(threads), 1))
+    if any(c is None for c in counts):
+        bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
+        raise CryptoInputError(f"refusing to quantise: {bad} of {x.size} values are not finite (NaN or Inf)")
+    return out.reshape(x.shape), sum(counts)
 
 
 def dequantize_sum(total: np.ndarray, *, params: QuantParams, total_weight: int) -> np.ndarray:
@@ -293,17 +323,20 @@ def dequantize_sum(total: np.ndarray, *, params: QuantParams, total_weight: int)
     if total.dtype.kind != "u" or total.dtype.itemsize * 8 > 64:
         raise CryptoInputError(f"total must be an unsigned integer array, got dtype {total.dtype}")
     # Unsigned comparisons and the integer -> float64 conversion are exact whatever the input
-    # width, so no widened uint64 copy is made; the affine map is applied in place.
-    if params.modulus_bits < 64 and total.size and int(total.max()) >> params.modulus_bits:
+    # width, so no widened uint64 copy is made.  One reduction finds the largest coordinate; the
+    # range checks only count (a second pass) when it is out of range.
+    top = int(total.max()) if total.size else 0
+    if total.dtype.itemsize * 8 > params.modulus_bits and top >> params.modulus_bits:
         raise CryptoInputError(f"total has values >= 2^{params.modulus_bits}")
-    bound = np.uint64(int(total_weight) * params.levels)
-    over = int(np.count_nonzero(total > bound))
-    if over:
+    bound = int(total_weight) * params.levels
+    if top > bound:
+        over = int(np.count_nonzero(total > np.uint64(bound)))
         raise CryptoInputError(
             f"{over} of {total.size} coordinates of the sum exceed total_weight x (2^{params.bits} - 1): "
             "the masks did not cancel, a weight was misreported, or the sum is corrupt"
         )
-    mean = total.astype(np.float64)
-    mean *= params.step / int(total_weight)
-    mean -= float(params.clip)
+    # (float64(total) * (step / W)) - clip: the same float64 operations as widening first and
+    # then scaling in place, without a separate conversion pass.
+    mean = np.multiply(total, params.step / int(total_weight), dtype=np.float64)
+    np.subtract(mean, float(params.clip), out=mean)
     return mean

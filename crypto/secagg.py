@@ -109,13 +109,14 @@ def _native_uint(bits: int) -> np.dtype:
     return np.dtype(f"u{_uint_dtype(bits).itemsize}")  # native byte order
 
 
-def _as_modular(q: np.ndarray, bits: int) -> np.ndarray:
-    """A fresh C-contiguous native uint32/uint64 copy of ``q`` (so in-place flat ops stick)."""
+def _as_modular(q: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(src, out)``: ``q`` checked and flattened (a view when it can be) and a fresh, empty
+    C-contiguous native uint32/uint64 array of ``q``'s shape to write the result into."""
     dtype = _native_uint(bits)
     q = np.asarray(q)
     if q.dtype.kind != "u" or q.dtype.itemsize > dtype.itemsize:
         raise CryptoInputError(f"expected unsigned integers of at most {bits} bits, got dtype {q.dtype}")
-    return np.array(q, dtype=dtype, order="C", copy=True)
+    return q.reshape(-1), np.empty(q.shape, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,29 +175,37 @@ def mask_update(
     round: int,
     federation: str,
     bits: int,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Mask a quantised update: ``y = q + PRG(b_u) + sum_j sign(u, j) PRG(k_uj) mod 2**bits``.
 
     Args:
-        q: quantised (and weighted) update, unsigned integers, any shape.
+        q: quantised (and weighted) update, unsigned integers of at most ``bits`` bits, any
+            shape (not modified).
         self_seed: the 32-byte self-mask seed ``b_u`` (fresh per round).
         pairwise_keys: ``{neighbour id: X25519 shared secret}``.
         own_id: this site's id.
         round: round number.
         federation: federation id.
         bits: 32 or 64.
+        threads: worker threads for the mask expansion
+            (:func:`crypto.primitives.worker_threads`; ``None`` = the default).  The result does
+            not depend on it.
 
     Returns:
-        The masked update, ``q``'s shape, dtype ``uint32``/``uint64``.
+        The masked update, a new array of ``q``'s shape, dtype ``uint32``/``uint64``.
+
+    Raises:
+        CryptoInputError: ``q`` is not unsigned integers of at most ``bits`` bits, a key or id
+            is malformed, or ``threads`` is invalid.
     """
-    y = _as_modular(q, bits)
-    flat = y.reshape(-1)
+    src, y = _as_modular(q, bits)
     # y = q + PRG(b_u) + sum_j sign(u, j) PRG(k_uj) mod 2**bits, accumulated slice by slice (the
     # same words as self_mask and pairwise_mask; addition mod 2**bits is order-free).
     terms = [(_require_bytes("seed", self_seed, KEY_BYTES), False)]
     _require_text("own_id", own_id)
     terms += _pairwise_terms(own_id, pairwise_keys, round=round, federation=federation)
-    _prg_accumulate(flat, terms, bits=bits)
+    _prg_accumulate(y.reshape(-1), terms, bits=bits, threads=threads, src=src)
     return y
 
 
@@ -208,6 +217,7 @@ def unmask_sum(
     round: int,
     federation: str,
     bits: int,
+    threads: int | None = None,
 ) -> np.ndarray:
     """Remove the masks from the sum of the masked inputs that arrived.
 
@@ -225,17 +235,20 @@ def unmask_sum(
         round: round number.
         federation: federation id.
         bits: 32 or 64.
+        threads: worker threads for the mask expansion
+            (:func:`crypto.primitives.worker_threads`; ``None`` = the default).  The result does
+            not depend on it.
 
     Returns:
-        ``sum_{u in S} q_u mod 2**bits``, ``masked_sum``'s shape.
+        ``sum_{u in S} q_u mod 2**bits``, a new array of ``masked_sum``'s shape
+        (``masked_sum`` is not modified).
 
     Raises:
         CryptoInputError: a site appears both as a survivor and as a dropped site (the aggregator
             must never hold both kinds of secret for one site), or a pair names an unknown
             survivor.
     """
-    total = _as_modular(masked_sum, bits)
-    flat = total.reshape(-1)
+    src, total = _as_modular(masked_sum, bits)
     survivors = set(_site_ids("survivors_self_seeds", survivors_self_seeds.keys()))
     for pair in dropped_pairwise:
         if not (isinstance(pair, tuple) and len(pair) == 2):
@@ -253,7 +266,7 @@ def unmask_sum(
     for (u, v), secret in dropped_pairwise.items():
         key = derive_key(secret, purpose=PAIRWISE_PURPOSE, federation=federation, round=round, i=u, j=v)
         terms.append((key, u < v))
-    _prg_accumulate(flat, terms, bits=bits)
+    _prg_accumulate(total.reshape(-1), terms, bits=bits, threads=threads, src=src)
     return total
 
 

@@ -273,20 +273,34 @@ class MaskingClient:
                 nothing is masked or sent.
         """
         r = self._round(round, "received")
-        for name, v in delta.items():
-            if not np.all(np.isfinite(v)):
-                raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the "
-                                    f"update: tensor {name} holds non-finite values (NaN/inf)")
-        flat = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in delta.values()])
-        params = self.params or quant_params(self.cfg, dim=flat.size)
+        # The update is flattened (float32) into a buffer one value longer, whose last value 0.0
+        # is quantised too and then replaced by the weight: the masked vector [q, weight] needs
+        # no further copy.  The extra value takes the last rounding draw, after those of the
+        # update, so q itself is unchanged.  quantize() refuses non-finite values (checked
+        # slice by slice as it goes); only then are the tensors scanned to name the culprit.
+        dim = int(sum(np.size(v) for v in delta.values()))
+        flat = np.empty(dim + 1, dtype=np.float32)
+        pos = 0
+        for v in delta.values():
+            a = np.asarray(v).reshape(-1)
+            flat[pos:pos + a.size] = a
+            pos += a.size
+        flat[dim] = 0.0
+        params = self.params or quant_params(self.cfg, dim=dim)
         try:
-            q, clipped = quantize.quantize(flat, params, seed=os.urandom(16), weight=weight)
+            vec, clipped = quantize.quantize(flat, params, seed=os.urandom(16), weight=weight)
         except CryptoInputError as exc:
+            for name, v in delta.items():
+                if not np.all(np.isfinite(np.asarray(v, np.float32))):
+                    raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the "
+                                        f"update: tensor {name} holds non-finite values (NaN/inf)"
+                                        ) from None
             raise FedbratsError(f"site {self.site}: round {round}: refusing to mask the update: "
                                 f"{exc}") from None
+        vec[dim] = weight
         if noiser is not None:
-            q = noiser(round, q, modulus_bits=params.modulus_bits)
-        vec = np.concatenate([q, np.array([weight], dtype=params.dtype)])
+            vec = np.concatenate([noiser(round, vec[:dim], modulus_bits=params.modulus_bits),
+                                  vec[dim:]])
         keys = {v: primitives.x25519_shared(r.mask_private, r.adverts[v].mask_public)
                 for v in r.neighbours if v in r.u2}
         y = secagg.mask_update(vec, self_seed=r.self_seed, pairwise_keys=keys, own_id=self.site,
