@@ -85,11 +85,11 @@ class ExperimentSettings:
     """
 
     configurations: tuple[str, ...] = CONFIGURATIONS
-    dp_sweep: tuple[float, ...] = (0.1, 0.01)
+    dp_sweep: tuple[float, ...] = (1.0, 0.1)
     dp_only_mode: tuple[str, ...] = ("dp-sgd", "site-local")
     dp_secagg_mode: tuple[str, ...] = ("dp-sgd", "site-distributed")
     dp_secagg_aggregation: str = "mask"
-    extra_cases_per_site: int = 4
+    extra_cases_per_site: int = 8
     heldout_cases: int = 8
     inversion_patch: int = 32
     inversion_hidden: int = 64

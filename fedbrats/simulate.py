@@ -166,6 +166,24 @@ def _f(v) -> str:
     return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
+def _dp_banner(cfg: Config) -> str:
+    """One line naming the DP mechanisms and their parameters (no secrets in it)."""
+    dp = cfg.dp
+    if not dp.mode:
+        return "differential privacy: off (dp.mode = [])"
+    parts = []
+    if "dp-sgd" in dp.mode:
+        sigma = (f"noise multiplier {dp.noise_multiplier:g}" if dp.noise_multiplier > 0
+                 else f"target epsilon {dp.target_epsilon:g}")
+        parts.append(f"DP-SGD ({sigma}, max grad norm {dp.max_grad_norm:g}, delta {dp.delta:g})")
+    for m in ("site-local", "site-distributed"):
+        if m in dp.mode:
+            parts.append(f"{m} (update clip {dp.site_clip:g}, noise multiplier "
+                         f"{dp.site_noise_multiplier:g}, delta {dp.site_delta:g})")
+    parts += [m for m in dp.mode if m in ("svt", "partial")]
+    return "differential privacy: " + "; ".join(parts)
+
+
 def _dp_summary(cfg: Config, final: list[dict]) -> dict:
     """The ``dp`` block: mechanisms, and the largest ε any site reported after the last round
     (sample-level DP-SGD and site-level update noise, each with its δ).  ``epsilon``/``delta``
@@ -307,6 +325,7 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
     _say(f"federation {cfg.federation.name}: {cfg.federation.sites} site(s), "
          f"{cfg.federation.rounds} round(s), secure aggregation {cfg.federation.secure_aggregation}, "
          f"transport {'PLAINTEXT (--insecure)' if insecure else 'mutual TLS'}; logs in {out / 'logs'}")
+    _say(_dp_banner(cfg))
     try:
         procs["aggregator"] = _spawn(["aggregator", "--config", str(agg_toml), *flag],
                                      out / "logs" / "aggregator.log")
@@ -374,6 +393,10 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
              f"(delta {dp['delta_sample']}), site-level "
              f"{dp['epsilon_site'] if dp['epsilon_site'] is not None else 'n/a'} "
              f"(delta {dp['delta_site']})")
+        worst = max((e for e in (dp["epsilon_sample"], dp["epsilon_site"]) if e is not None), default=0)
+        if worst > 10:
+            _say("  an epsilon this large is no meaningful formal guarantee: the noise is too weak "
+                 "for the data (see README, 'Differential privacy')")
     _say(f"summary: {out / 'summary.json'}  model: {out / 'final_model.pt'}")
     bad = {n: c for n, c in codes.items() if c != 0}
     if bad:

@@ -10,8 +10,15 @@ from fedbrats.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_toml_equals_embedded_defaults():
-    assert load_config(ROOT / "configs" / "demo.toml") == Config()
+def test_demo_toml_equals_embedded_defaults_except_its_dp_section():
+    from dataclasses import replace
+
+    from fedbrats.config import DPConfig
+
+    demo = load_config(ROOT / "configs" / "demo.toml")
+    assert replace(demo, dp=DPConfig()) == Config()
+    assert demo.dp.mode == ("dp-sgd", "site-distributed")
+    assert Config().dp.mode == ()  # DP is opt-in outside the demo
 
 
 def test_round_trip_through_toml(tmp_path):
