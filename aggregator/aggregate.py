@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from fedbrats.errors import FedbratsError, ProtocolError
+from fedbrats.errors import FedbratsError, ProtocolError, RoundAborted
 
 
 class UpdateRejected(FedbratsError):
@@ -71,9 +71,11 @@ class PlainFedAvg:
             if t.shape != ref.shape:
                 raise UpdateRejected(f"site {site}, round {self._round}: tensor {k} has shape "
                                      f"{t.shape}, the model has {ref.shape}")
-            if not np.all(np.isfinite(t)):
-                raise UpdateRejected(f"site {site}, round {self._round}: tensor {k} holds "
-                                     f"non-finite values (NaN/inf); the update is excluded")
+        bad = [f"{k} ({int(t.size - np.count_nonzero(np.isfinite(t)))} value(s))"
+               for k, t in ((k, tensors[k]) for k in self._global) if not np.all(np.isfinite(t))]
+        if bad:
+            raise UpdateRejected(f"site {site}, round {self._round}: non-finite values (NaN/inf) "
+                                 f"in tensor(s) {', '.join(bad)}; the update is excluded")
 
     def add(self, site: str, weight: int, tensors: Mapping[str, np.ndarray]) -> None:
         if site in self._sites:
@@ -90,8 +92,18 @@ class PlainFedAvg:
                                 f"updates were added for {sorted(self._sites)}")
         if self._weight <= 0:
             raise ProtocolError(f"round {self._round}: no update to aggregate")
-        return {k: (self._global[k].astype(np.float64) + self._sum[k] / self._weight)
-                .astype(self._global[k].dtype) for k in self._global}
+        out = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for k in self._global:
+                out[k] = (self._global[k].astype(np.float64) + self._sum[k] / self._weight) \
+                    .astype(self._global[k].dtype)
+        bad = [k for k, v in out.items() if not np.all(np.isfinite(v))]
+        if bad:
+            raise RoundAborted(f"round {self._round}: the new global model would hold non-finite "
+                               f"values (overflow of {self._global[bad[0]].dtype}) in tensor(s) "
+                               f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; nothing "
+                               f"is released and the previous global model stays")
+        return out
 
 
 def make_secure_sum(mode: str) -> SecureSum:

@@ -80,9 +80,26 @@ def cmd_provision(args) -> int:
     return 0
 
 
+def _check_environment() -> None:
+    """Refuse bad environment settings at start-up, not mid-round.
+
+    Raises:
+        ConfigError: ``FEDBRATS_CRYPTO_THREADS`` is set but not an integer >= 1.
+    """
+    from crypto.errors import CryptoInputError
+    from crypto.primitives import worker_threads
+    from fedbrats.errors import ConfigError
+
+    try:
+        worker_threads()
+    except CryptoInputError as exc:
+        raise ConfigError("environment", [str(exc)]) from None
+
+
 def cmd_aggregator(args) -> int:
     from aggregator.server import serve
 
+    _check_environment()
     cfg = _load(args.config)
     _warn_insecure(args)
     return serve(cfg, insecure=args.insecure)
@@ -91,6 +108,7 @@ def cmd_aggregator(args) -> int:
 def cmd_node(args) -> int:
     from node.daemon import serve
 
+    _check_environment()
     cfg = _load(args.config)
     _warn_insecure(args)
     return serve(cfg, insecure=args.insecure)
@@ -101,6 +119,7 @@ def cmd_simulate(args) -> int:
     from fedbrats.errors import ConfigError
     from fedbrats.simulate import simulate
 
+    _check_environment()
     cfg = _load(args.config)
     fed, data = {}, {}
     if args.sites is not None:

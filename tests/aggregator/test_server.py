@@ -161,10 +161,12 @@ def test_non_finite_update_is_excluded_naming_site_and_tensor(served):
     t = task(stub, "site-2")
     bad = {k: np.zeros_like(v) for k, v in model.items()}
     bad["conv.bias"][1] = np.inf
+    bad["conv.weight"][0, 0, 0] = np.nan
     with pytest.raises(grpc.RpcError) as ei:
         submit(stub, "site-2", 1, bad, t.model_sha256)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "site-2" in ei.value.details() and "conv.bias" in ei.value.details()
+    assert "conv.weight" in ei.value.details()  # every bad tensor is named, not just the first
     assert core.state.submitted == ()
     # The round does not wait for the excluded site: site-1's update closes it at once.
     assert core.state.expected == ("site-1",)
@@ -215,3 +217,14 @@ def test_join_refuses_a_site_configured_for_another_mode_or_model(served):
     assert "different network" in ei.value.details()
     ok = wire.JoinInfo(5, 1, "cpu", "none", wire.model_signature(model))
     assert wire.decode_join_response(stub.Join(wire.join_request(env("site-1", stage="joining"), ok))).accepted
+
+
+def test_overflowing_fedavg_aborts_the_round_and_keeps_the_model_finite():
+    from aggregator.aggregate import PlainFedAvg
+    from fedbrats.errors import RoundAborted
+
+    agg = PlainFedAvg()
+    agg.begin_round(2, {"w": np.full(2, 3e38, np.float32), "b": np.zeros(2, np.float32)})
+    agg.add("site-1", 1, {"w": np.full(2, 1e38, np.float32), "b": np.ones(2, np.float32)})
+    with pytest.raises(RoundAborted, match=r"round 2: .*non-finite.*tensor\(s\) w;"):
+        agg.finalize(("site-1",))
