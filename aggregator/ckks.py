@@ -77,11 +77,53 @@ def load_federation_context(cfg: Config, *, secret: bool):
         raise FedbratsError(f"ckks.context: {path}: {exc}") from None
 
 
+#: Gaussian tail multiple of a site's noise standard deviation added to the value bound
+#: (P(|N(0, 1)| > 12) < 4e-33 per coordinate).
+NOISE_TAIL_SIGMAS = 12.0
+
+
+def check_dp_noise_fits(cfg: Config) -> float:
+    """Check that updates *after* site-level DP noise still fit the CKKS parameters.
+
+    A site clips each coordinate of Δ to ±``ckks.max_abs_value`` and then adds its noise:
+    N(0, σ²C²) for ``site-local``, a share N(0, σ²C²/min_sites) for ``site-distributed``.  The
+    bound checked is ``max_abs_value + 12·std`` with weight 1 (site-level DP weights sites
+    equally), against the whole sum of ``federation.sites`` sites (:func:`crypto.ckks.check_params`).
+
+    Returns:
+        The value bound used (``ckks.max_abs_value`` when no noise is configured).
+
+    Raises:
+        ConfigError: the noisy values do not fit; names ``dp.site_noise_multiplier`` and
+            ``dp.site_clip`` with the required vs available headroom.
+    """
+    ck, dp, fed = cfg.ckks, cfg.dp, cfg.federation
+    modes = set(dp.mode)
+    if "site-local" in modes:
+        std = dp.site_noise_multiplier * dp.site_clip
+    elif "site-distributed" in modes:
+        std = dp.site_noise_multiplier * dp.site_clip / max(1, fed.min_sites) ** 0.5
+    else:
+        return float(ck.max_abs_value)
+    bound = float(ck.max_abs_value) + NOISE_TAIL_SIGMAS * std
+    params = ckks.CKKSParams(ck.poly_modulus_degree, tuple(ck.coeff_mod_bit_sizes), ck.scale_bits)
+    try:
+        ckks.check_params(params, max_sites=fed.sites, max_abs_value=bound, max_weight=1)
+    except ConfigError as exc:
+        raise ConfigError("dp + ckks", [
+            f"dp.site_noise_multiplier = {dp.site_noise_multiplier:g} x dp.site_clip = "
+            f"{dp.site_clip:g} puts update values up to +-{bound:.4g} (ckks.max_abs_value "
+            f"{ck.max_abs_value:g} + {NOISE_TAIL_SIGMAS:g} noise standard deviations), which the "
+            f"CKKS parameters cannot sum over {fed.sites} sites: {p}" for p in exc.problems]) from None
+    return bound
+
+
 class CKKSSum:
     """The :class:`~aggregator.aggregate.SecureSum` of ``ckks`` mode: add, never decrypt."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        check_dp_noise_fits(cfg)
         self.ctx = load_federation_context(cfg, secret=False)
         self._acc: ckks.EncryptedSum | None = None
         self._round = 0

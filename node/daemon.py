@@ -478,8 +478,7 @@ class SiteSession:
             chunks = ckks.encrypt_update(flat * weight, float(weight), self.ckks_ctx,
                                          max_abs_value=bound)
         except (CryptoInputError, FedbratsError) as exc:
-            raise FedbratsError(f"site {self.site}: round {r}: refusing to encrypt: {exc}") \
-                from None
+            raise FedbratsError(f"site {self.site}: round {r}: {exc}") from None
         return wire.pack_tensors(chunks_to_tensors(chunks), scheme="ckks")
 
     def _decrypt_result(self, r: int, payload: wire.Payload) -> dict[str, np.ndarray]:
@@ -639,8 +638,9 @@ def serve(cfg: Config, *, insecure: bool = False) -> int:
         open_channel(cfg).close()  # fail on missing TLS material before the preflight
     masking = make_masking_client(cfg) if cfg.federation.secure_aggregation == "mask" else None
     if cfg.federation.secure_aggregation == "ckks":
-        from aggregator.ckks import load_federation_context
+        from aggregator.ckks import check_dp_noise_fits, load_federation_context
 
+        check_dp_noise_fits(cfg)  # noisy updates must fit the parameters: refuse before round 1
         load_federation_context(cfg, secret=True)  # fail on a bad context before the preflight
     session = SiteSession(cfg, Node(cfg), masking)
     with open_channel(cfg, insecure=insecure) as channel:

@@ -608,3 +608,24 @@ def test_aggregator_refuses_at_start_up_when_the_noise_headroom_does_not_fit():
         AggregatorCore(_mask_cfg(bits=36), model, save_model=lambda p, t, r: None)
     # the same federation without the noise starts
     AggregatorCore(_mask_cfg(mode=(), bits=36), model, save_model=lambda p, t, r: None)
+
+
+def test_ckks_refuses_dp_noise_the_parameters_cannot_sum():
+    from aggregator.ckks import check_dp_noise_fits
+    from fedbrats.config import CKKSConfig
+    from fedbrats.errors import ConfigError
+
+    def cfg(sigma, mode=("site-distributed",)):
+        return Config(federation=FederationConfig(secure_aggregation="ckks", sites=3, min_sites=3),
+                      ckks=CKKSConfig(max_abs_value=1.0),
+                      dp=DPConfig(mode=mode, site_clip=20.0, site_noise_multiplier=sigma))
+
+    assert check_dp_noise_fits(cfg(0.0005)) == pytest.approx(1.0 + 12 * 0.0005 * 20 / 3 ** 0.5)
+    assert check_dp_noise_fits(cfg(0.0005, mode=("dp-sgd",))) == 1.0  # no update noise
+    with pytest.raises(ConfigError) as err:
+        check_dp_noise_fits(cfg(1e9))
+    text = str(err.value)
+    assert "dp.site_noise_multiplier = 1e+09" in text and "dp.site_clip = 20" in text
+    assert "headroom" in text
+    with pytest.raises(ConfigError, match="dp.site_noise_multiplier"):
+        check_dp_noise_fits(cfg(1e9, mode=("site-local",)))
