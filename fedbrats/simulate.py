@@ -184,18 +184,46 @@ def _dp_banner(cfg: Config) -> str:
     return "differential privacy: " + "; ".join(parts)
 
 
-def _dp_summary(cfg: Config, final: list[dict]) -> dict:
-    """The ``dp`` block: mechanisms, and the largest ε any site reported after the last round
-    (sample-level DP-SGD and site-level update noise, each with its δ).  ``epsilon``/``delta``
-    repeat the site-level pair when there is one (the guarantee about a whole site's data),
-    else the sample-level pair (about one patient)."""
+def _ledger_epsilons(sites_dir: Path) -> dict[str, tuple[float, float]]:
+    """Largest (ε, δ) per kind ("sample", "site") over the sites' privacy ledgers, which record
+    every charge, including rounds that never finished.  Damaged ledgers are skipped here (the
+    node itself refuses to start on one)."""
+    if not sites_dir.is_dir():
+        return {}
+    from node.accounting import privacy_report
+
+    best: dict[str, tuple[float, float]] = {}
+    for d in sorted(p for p in sites_dir.iterdir() if p.is_dir()):
+        try:
+            entries = privacy_report(d)["guarantees"]
+        except FedbratsError:
+            continue
+        for e in entries:
+            kind = {"sample-level": "sample", "site-level": "site"}.get(e["kind"])
+            if kind and e["epsilon"] == e["epsilon"] and e["delta"]:  # skip NaN / no δ
+                if kind not in best or e["epsilon"] > best[kind][0]:
+                    best[kind] = (float(e["epsilon"]), float(e["delta"]))
+    return best
+
+
+def _dp_summary(cfg: Config, final: list[dict], sites_dir: Path | None = None) -> dict:
+    """The ``dp`` block: mechanisms, and the largest ε any site spent (sample-level DP-SGD and
+    site-level update noise, each with its δ): the larger of what the sites reported after the
+    last round and what their ledgers in ``sites_dir`` record (which includes a round that
+    failed after being charged).  ``epsilon``/``delta`` repeat the site-level pair when there
+    is one (the guarantee about a whole site's data), else the sample-level pair (about one
+    patient)."""
     modes = list(cfg.dp.mode)
     out: dict = {"mode": "+".join(modes) if modes else "none"}
+    ledgers = _ledger_epsilons(sites_dir) if (sites_dir is not None and modes) else {}
     for kind in ("sample", "site"):
         eps = [r["dp"][f"epsilon_{kind}"] for r in final
                if r.get("dp") and r["dp"].get(f"epsilon_{kind}") is not None]
         dl = [r["dp"][f"delta_{kind}"] for r in final
               if r.get("dp") and r["dp"].get(f"delta_{kind}") is not None]
+        if kind in ledgers:
+            eps.append(ledgers[kind][0])
+            dl.append(ledgers[kind][1])
         out[f"epsilon_{kind}"] = round(max(eps), 4) if eps else None
         out[f"delta_{kind}"] = max(dl) if dl else None
     primary = "site" if out["epsilon_site"] is not None else "sample"
@@ -233,7 +261,7 @@ def summarize(out: Path, cfg: Config, wall_seconds: float, *, insecure: bool = F
         "sites_evaluated": sorted({r["site"] for r in final}),
         "secure_aggregation": cfg.federation.secure_aggregation,
         "transport": "insecure" if insecure else "mtls",
-        "dp": _dp_summary(cfg, final),
+        "dp": _dp_summary(cfg, final, out / "sites"),
         "dice": dice,
         "dice_per_site": {r["site"]: r["dice"] for r in final},
         "wall_seconds": round(wall_seconds, 1),
@@ -397,7 +425,9 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
         if worst > 10:
             _say("  an epsilon this large is no meaningful formal guarantee: the noise is too weak "
                  "for the data (see README, 'Differential privacy')")
-    _say(f"summary: {out / 'summary.json'}  model: {out / 'final_model.pt'}")
+    model = out / "final_model.pt"
+    _say(f"summary: {out / 'summary.json'}  "
+         + (f"model: {model}" if model.exists() else "no final model (the federation did not finish)"))
     bad = {n: c for n, c in codes.items() if c != 0}
     if bad:
         return next(iter(bad.values()))

@@ -121,3 +121,21 @@ def test_simulate_refuses_to_overwrite_a_previous_run_without_force(tiny_run):
     res = fedbrats("simulate", "--config", str(tmp / "tiny.toml"), "--out", str(out), timeout=120)
     assert res.returncode == 1 and "--force" in res.stderr
     assert (out / "summary.json").read_bytes() == before  # nothing lost
+
+
+def test_summary_reports_epsilon_charged_by_a_failed_round(tmp_path):
+    """A round charged to the ledger but never finished still shows in summary.json's ε."""
+    from fedbrats.config import Config, DPConfig
+    from fedbrats.simulate import summarize
+    from node.accounting import SAMPLE_STATE_FILE, SampleLevelAccountant
+
+    (tmp_path / "sites" / "site-1").mkdir(parents=True)
+    acc = SampleLevelAccountant(site="site-1", delta=1e-5)
+    acc.step(1.0, 0.1, 30)
+    acc.save(tmp_path / "sites" / "site-1" / SAMPLE_STATE_FILE)
+    cfg = Config(dp=DPConfig(mode=("dp-sgd",)))
+    summary = summarize(tmp_path, cfg, 1.0)  # no metrics.jsonl: nothing was reported
+    assert summary["rounds_completed"] == 0
+    assert summary["dp"]["epsilon_sample"] == pytest.approx(acc.epsilon(1e-5), abs=1e-4)  # 4 decimals
+    assert summary["dp"]["epsilon"] == summary["dp"]["epsilon_sample"] > 0
+    assert summary["dp"]["delta"] == 1e-5
