@@ -119,11 +119,11 @@ class TrainingConfig:
         batch_size: patches per step.
         patch_size: training patch, voxels (x, y, z).
         learning_rate: Adam learning rate of round 1.
-        final_learning_rate: Adam learning rate of the last round (``federation.rounds``); the
-            rate decays geometrically from ``learning_rate`` to it, one value per round.  0 keeps
-            ``learning_rate`` in every round.  Decaying to about a third keeps the federation's
-            result stable under 1e-7 perturbations of the aggregate (e.g. mask vs ckks
-            rounding error), which a constant 3e-3 is not.
+        final_learning_rate_ratio: the last round's (``federation.rounds``) learning rate as a
+            fraction of ``learning_rate``, in (0, 1]; the rate decays geometrically in between,
+            one value per round, and never rises.  1 keeps ``learning_rate`` in every round.
+            Decaying to a third keeps the federation's result stable under 1e-7 perturbations
+            of the aggregate (e.g. mask vs ckks rounding error), which a constant 3e-3 is not.
         optimizer_restart: restart Adam's moments every round (the paper's "momentum
             restarting"); false keeps them across rounds.
         device: ``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``.
@@ -134,7 +134,7 @@ class TrainingConfig:
     batch_size: int = 2
     patch_size: tuple[int, int, int] = (48, 48, 48)
     learning_rate: float = 3e-3
-    final_learning_rate: float = 1e-3
+    final_learning_rate_ratio: float = 1 / 3
     optimizer_restart: bool = True
     device: str = "auto"
     num_threads: int = 1
@@ -485,8 +485,9 @@ def _check_values(cfg: Config, problems: list[str]) -> None:
     need(all(p >= 16 and p % 8 == 0 for p in tr.patch_size), "training.patch_size",
          f"each side must be a multiple of 8 and >= 16 (SegResNet downsamples 3x), got {list(tr.patch_size)}")
     need(tr.learning_rate > 0, "training.learning_rate", f"must be > 0, got {tr.learning_rate}")
-    need(tr.final_learning_rate >= 0, "training.final_learning_rate",
-         f"must be >= 0 (0 = constant learning_rate), got {tr.final_learning_rate}")
+    need(0 < tr.final_learning_rate_ratio <= 1, "training.final_learning_rate_ratio",
+         f"must be in (0, 1] (the last round's rate / learning_rate; 1 = constant), "
+         f"got {tr.final_learning_rate_ratio}")
     need(tr.device in DEVICES, "training.device", f"must be one of {DEVICES}, got {tr.device!r}")
     need(tr.num_threads >= 0, "training.num_threads", f"must be >= 0, got {tr.num_threads}")
     ev = cfg.evaluation

@@ -158,16 +158,17 @@ def learning_rate_at(training: TrainingConfig, round_index: int, planned_rounds:
     """Adam's learning rate in round ``round_index`` (1-based) of ``planned_rounds``.
 
     Geometric decay from ``training.learning_rate`` (round 1) to
-    ``training.final_learning_rate`` (round ``planned_rounds``):
-    ``lr_r = lr_1 · (lr_final / lr_1) ** ((r − 1) / (planned_rounds − 1))``, held at the final
-    value after the plan.  Constant ``learning_rate`` when ``final_learning_rate`` is 0, when
-    ``planned_rounds`` is None or 1, or for round indices below 1.
+    ``learning_rate · training.final_learning_rate_ratio`` (round ``planned_rounds``):
+    ``lr_r = lr_1 · ratio ** ((r − 1) / (planned_rounds − 1))``, held at the final value after
+    the plan.  Constant ``learning_rate`` when the ratio is 1, when ``planned_rounds`` is None
+    or 1, or for round indices below 1.  The ratio is validated to (0, 1] by the config loader,
+    so the rate never rises.
     """
-    lr, final = float(training.learning_rate), float(training.final_learning_rate)
-    if final <= 0 or not planned_rounds or planned_rounds <= 1 or round_index <= 1:
+    lr, ratio = float(training.learning_rate), float(training.final_learning_rate_ratio)
+    if ratio >= 1 or ratio <= 0 or not planned_rounds or planned_rounds <= 1 or round_index <= 1:
         return lr
     t = min(1.0, (round_index - 1) / (planned_rounds - 1))
-    return lr * (final / lr) ** t
+    return lr * ratio ** t
 
 
 class LocalTrainer:

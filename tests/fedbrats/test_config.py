@@ -63,3 +63,11 @@ def test_config_is_frozen():
     cfg = Config()
     with pytest.raises(AttributeError):
         cfg.federation.rounds = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5, 10.0])
+def test_final_learning_rate_ratio_outside_0_1_is_refused(tmp_path, ratio):
+    p = tmp_path / "lr.toml"
+    p.write_text(f"[training]\nfinal_learning_rate_ratio = {ratio}\n")
+    with pytest.raises(ConfigError, match=r"training.final_learning_rate_ratio: must be in \(0, 1\]"):
+        load_config(p)

@@ -268,18 +268,21 @@ def test_predict_case_missing_modality_names_case_dir(tmp_path):
 def test_learning_rate_decays_geometrically_to_the_final_rate():
     from node.train import learning_rate_at
 
-    tr = _training(learning_rate=3e-3, final_learning_rate=1e-3)
+    tr = _training(learning_rate=3e-3, final_learning_rate_ratio=1 / 3)
     rates = [learning_rate_at(tr, r, 4) for r in range(1, 6)]
     assert rates[0] == 3e-3 and abs(rates[3] - 1e-3) < 1e-15 and rates[4] == rates[3]
     assert all(abs(b / a - (1 / 3) ** (1 / 3)) < 1e-12 for a, b in zip(rates[:3], rates[1:4]))
-    assert learning_rate_at(_training(learning_rate=3e-3, final_learning_rate=0.0), 4, 4) == 3e-3
+    assert learning_rate_at(_training(learning_rate=3e-3, final_learning_rate_ratio=1.0), 4, 4) == 3e-3
+    # the ratio scales with learning_rate: a smaller rate never climbs towards a fixed final one
+    small = [learning_rate_at(_training(learning_rate=1e-4), r, 5) for r in range(1, 6)]
+    assert small[0] == 1e-4 and all(b < a for a, b in zip(small, small[1:]))
     assert learning_rate_at(tr, 3, None) == 3e-3  # no plan: constant
 
 
 def test_trainer_applies_the_round_learning_rate_with_and_without_restart(cases):
     for restart in (True, False):
         model = _model()
-        tr = _training(local_steps=1, learning_rate=4e-3, final_learning_rate=1e-3,
+        tr = _training(local_steps=1, learning_rate=4e-3, final_learning_rate_ratio=0.25,
                        optimizer_restart=restart)
         trainer = LocalTrainer(model, cases, tr, "2021", "cpu", seed=0, planned_rounds=3)
         seen = []
