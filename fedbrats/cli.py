@@ -136,7 +136,8 @@ def cmd_simulate(args) -> int:
         dpo["mode"] = [] if args.dp.strip() in ("", "none") else [
             m.strip() for m in args.dp.split(",") if m.strip()]
     if fed or data or dpo:
-        cfg = with_overrides(cfg, federation=fed, data=data, dp=dpo)
+        cfg = with_overrides(cfg, federation=fed, data=data, dp=dpo,
+                             source=args.config or "the built-in default configuration")
     drops = {}
     for d in args.drop or []:
         site, sep, stage = d.partition(":")

@@ -637,8 +637,11 @@ def load_config(path: str | Path) -> Config:
     return config_from_dict(raw, source=str(p), base=p.resolve().parent)
 
 
-def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+def with_overrides(cfg: Config, *, source: str = "", **sections: dict[str, Any]) -> Config:
     """Return ``cfg`` with fields replaced, re-validated: ``with_overrides(c, federation={"rounds": 2})``.
+
+    Args:
+        source: where ``cfg`` came from (e.g. its TOML path), named in errors.
 
     Raises:
         ConfigError: the result is invalid.
@@ -646,7 +649,9 @@ def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
     raw = to_dict(cfg)
     for section, values in sections.items():
         raw[section].update(values)
-    return config_from_dict(raw, source="the configuration with command-line overrides")
+    where = f"{source} with command-line overrides" if source else \
+        "the configuration with command-line overrides"
+    return config_from_dict(raw, source=where)
 
 
 def to_dict(cfg: Any) -> dict:
