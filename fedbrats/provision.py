@@ -109,14 +109,14 @@ def provision(out: Path, *, federation: str, sites: list[str], aggregator: str,
         try:
             config_from_dict(_aggregator_raw(raw, sites, port), source="aggregator.toml")
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            problems.extend(p for p in exc.problems if p not in problems)  # sites said it already
     if problems:
         raise ConfigError("provision arguments", problems)
     if out.exists() and any(out.iterdir()):
         if not force:
             what = "a provisioned federation" if (out / MANIFEST).exists() else "other files"
-            raise FedbratsError(f"{out} already holds {what}; refusing to overwrite it "
-                                f"(pass --force to replace a federation)")
+            raise FedbratsError(f"--out {str(out)!r} already holds {what}; refusing to overwrite "
+                                f"it (pass --force to replace a federation)")
         if not (out / MANIFEST).exists():
             raise FedbratsError(f"{out} holds files that are not a fedbrats federation; "
                                 f"refusing to delete them even with --force")

@@ -416,11 +416,12 @@ def simulate(cfg: Config, out: Path, *, insecure: bool = False,
          f"{_f(d['wt'])} TC {_f(d['tc'])} ET {_f(d['et'])} mean {_f(d['mean'])}")
     dp = summary["dp"]
     if dp["mode"] != "none":
-        _say(f"differential privacy ({dp['mode']}): epsilon sample-level "
-             f"{dp['epsilon_sample'] if dp['epsilon_sample'] is not None else 'n/a'} "
-             f"(delta {dp['delta_sample']}), site-level "
-             f"{dp['epsilon_site'] if dp['epsilon_site'] is not None else 'n/a'} "
-             f"(delta {dp['delta_site']})")
+        def _eps(kind: str) -> str:
+            e = dp[f"epsilon_{kind}"]
+            return "n/a" if e is None else f"{e:.4g} (delta {dp[f'delta_{kind}']:g})"
+
+        _say(f"differential privacy ({dp['mode']}): epsilon sample-level {_eps('sample')}, "
+             f"site-level {_eps('site')}")
         worst = max((e for e in (dp["epsilon_sample"], dp["epsilon_site"]) if e is not None), default=0)
         if worst > 10:
             _say("  an epsilon this large is no meaningful formal guarantee: the noise is too weak "

@@ -839,8 +839,30 @@ def privacy_report(state_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 _TITLES = {"sample-level": "sample-level DP-SGD (one patient)",
-           "site-level": "site-level Gaussian (one site's update)",
+           "site-level": "site-level update noise (one site's update)",
            "pure-dp": "pure DP, sparse vector technique"}
+
+#: Explanations printed after a mechanism parameter of the same name.
+_PARAM_NOTES = {"n_sites": "n_sites = shares the noise is calibrated for (federation.min_sites)"}
+
+
+def _ledger_dirs_below(d: Path, depth: int = 2) -> list[Path]:
+    """Folders up to ``depth`` levels below ``d`` that hold a privacy ledger."""
+    names = (SAMPLE_STATE_FILE, SITE_STATE_FILE, PURE_STATE_FILE)
+    found, frontier = [], [d]
+    for _ in range(depth):
+        nxt = []
+        for f in frontier:
+            try:
+                subs = sorted(p for p in f.iterdir() if p.is_dir())
+            except OSError:
+                continue
+            for p in subs:
+                if any((p / n).exists() for n in names):
+                    found.append(p)
+                nxt.append(p)
+        frontier = nxt
+    return found
 
 
 def _fmt(value: Any) -> str:
@@ -863,11 +885,21 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines = [f"privacy report: site {site} ({report.get('state_dir', '?')})"]
     entries = report.get("guarantees") or []
     if not entries:
-        lines.append("  no privacy ledger found (no DP mechanism has run at this site)")
+        below = _ledger_dirs_below(Path(str(report.get("state_dir", "."))))
+        if below:
+            lines.append("  no privacy ledger in this folder; site state folders with ledgers below it:")
+            lines += [f"    {p}" for p in below[:20]]
+            lines.append("  pass one of them as --site-state (a simulation keeps them in OUT/sites/SITE)")
+        else:
+            lines.append("  no privacy ledger found: no DP mechanism has run with this folder as "
+                         "node.state_dir (a simulation keeps each site's in OUT/sites/SITE)")
         return "\n".join(lines)
     for e in entries:
         lines.append("")
-        lines.append(f"{_TITLES.get(e.get('kind'), e.get('kind'))}  [{e.get('mechanism')}]")
+        mech = e.get("mechanism")
+        if e.get("skellam_history"):  # distributed Skellam noise under masking
+            mech = "skellam-rdp" if not e.get("history") else f"{mech} + skellam-rdp"
+        lines.append(f"{_TITLES.get(e.get('kind'), e.get('kind'))}  [{mech}]")
         eps, delta = e.get("epsilon"), e.get("delta")
         lines.append(f"  epsilon spent : {_fmt(eps)}" + (f"   (delta = {delta:g})" if delta else "   (delta = 0)"))
         budget = e.get("budget")
@@ -887,6 +919,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         params = e.get("params") or {}
         if params:
             lines.append("  parameters    : " + ", ".join(f"{k}={_fmt(v)}" for k, v in params.items()))
+            lines += [f"                  ({note})" for k, note in _PARAM_NOTES.items() if k in params]
         rounds = e.get("rounds") or []
         if rounds:
             last = rounds[-1]

@@ -247,6 +247,13 @@ def test_privacy_report_and_format(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no privacy ledger" in format_report(privacy_report(empty))
+    # a simulation's OUT folder: the report points at the site folders below it
+    for site in ("site-1", "site-2"):
+        (tmp_path / "out" / "sites" / site).mkdir(parents=True)
+        SampleLevelAccountant(site=site, delta=1e-5).save(tmp_path / "out" / "sites" / site / SAMPLE_STATE_FILE)
+    text = format_report(privacy_report(tmp_path / "out"))
+    assert "no privacy ledger in this folder" in text
+    assert str(tmp_path / "out" / "sites" / "site-1") in text and str(tmp_path / "out" / "sites" / "site-2") in text
     with pytest.raises(FedbratsError, match="not a directory"):
         privacy_report(tmp_path / "nope")
 
