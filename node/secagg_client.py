@@ -269,10 +269,15 @@ class MaskingClient:
             ``({"masked": uint32/uint64 vector of P+1 values}, number of clipped values)``.
 
         Raises:
-            FedbratsError: the update holds non-finite values or the weight is out of range;
+            FedbratsError: the update holds non-finite values, the weight is out of range, or
+                ``site-distributed`` DP is configured under masking and no ``noiser`` is given;
                 nothing is masked or sent.
         """
         r = self._round(round, "received")
+        if noiser is None and skellam_in_sum(self.cfg):
+            raise FedbratsError(f"site {self.site}: round {round}: dp.mode has 'site-distributed' "
+                                f"but no Skellam noiser was given: refusing to mask an un-noised "
+                                f"update (the aggregator would decode it as noised)")
         # The update is flattened (float32) into a buffer one value longer, whose last value 0.0
         # is quantised too and then replaced by the weight: the masked vector [q, weight] needs
         # no further copy.  The extra value takes the last rounding draw, after those of the

@@ -47,7 +47,7 @@ from fedbrats.config import (
     load_config,
     with_overrides,
 )
-from fedbrats.errors import RoundAborted
+from fedbrats.errors import FedbratsError, RoundAborted
 from fedbrats.masking import graph_seed, quant_params
 from fedbrats.provision import provision
 from node.daemon import SiteSession, make_masking_client, open_channel
@@ -337,3 +337,14 @@ def test_grpc_site_distributed_ckks_gaussian_shares_have_configured_variance(kit
     samples = _round_sums(workers, model, rounds)
     ratio = _check_variance(samples, sigma**2 * C**2, sigma_sq_c_sq=sigma**2 * C**2)
     print(f"grpc ckks: var/(σ²C²) = {ratio:.4f}")
+
+
+def test_masking_without_the_skellam_noiser_is_refused_under_site_distributed():
+    cfg = _skellam_cfg(3, min_sites=3, sigma=1.0, C=0.5, clip=0.25, bits=10, max_weight=1)
+    sites = ["site-1", "site-2", "site-3"]
+    private, public = _identities(sites)
+    clients = {s: MaskingClient(cfg, s, private[s], public) for s in sites}
+    model = {"a": np.zeros(100, np.float32)}
+    with pytest.raises(FedbratsError, match="no Skellam noiser was given: refusing to mask"):
+        _masked_round(cfg, clients, {s: None for s in sites}, model, 1,
+                      {s: {"a": np.zeros(100, np.float32)} for s in sites})
