@@ -575,6 +575,32 @@ class AggregatorCore:
                          m.dice.get("et", math.nan), m.dice.get("mean", math.nan))
             self._apply(sm.MetricsReported(env.site_id, env.round, self.clock()))
 
+    def withdraw(self, env: wire.Envelope, reason: str) -> bool:
+        """A site leaves the current round, saying why: the round stops waiting for it (it sits
+        out later rounds until it rejoins, as an excluded site does).
+
+        Returns:
+            True if the site was still expected in the current round; False for a stale round
+            or a site that had already submitted (nothing changes then).
+
+        Raises:
+            ProtocolError / UnknownSite: the envelope is for another federation or the site has
+                not joined.
+        """
+        with self._cond:
+            self._check_envelope(env)
+            s = self._state
+            expected = env.round == s.round and env.site_id in s.expected \
+                and env.site_id not in s.submitted
+            _LOGGER.warning("round %d stage %s: site %s withdrew%s: %s", env.round, env.stage,
+                            env.site_id, "" if expected else " (nothing to withdraw from)",
+                            reason or "no reason given")
+            if expected:
+                self._event("site_withdrew", round=env.round, site=env.site_id,
+                            stage=s.stage.value, reason=reason)
+                self._apply(sm.Excluded(env.site_id, env.round, self.clock()))
+            return expected
+
     def all_sites_told_done(self) -> bool:
         with self._cond:
             return all(s.told_done for s in self._sites.values())
@@ -728,6 +754,13 @@ class Servicer(wire.AggregatorServicer):
             self._authorize(context, env)
             self.core.report_metrics(env, m)
             return wire.metrics_response(True)
+
+    def Withdraw(self, request, context):
+        env = wire.decode_envelope_of(request)
+        with self._errors(context, f"withdrawal of {env.site_id!r}"):
+            env, reason = wire.decode_withdraw_request(request)
+            self._authorize(context, env)
+            return wire.ack("WithdrawResponse", self.core.withdraw(env, reason))
 
 
 @contextlib.contextmanager

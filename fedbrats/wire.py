@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedbrats.errors import WireError
+from fedbrats.errors import ProtocolError, WireError
 from fedbrats.v1 import aggregator_pb2 as pb
 from fedbrats.v1 import aggregator_pb2_grpc as pb_grpc
 
@@ -529,6 +529,30 @@ def decode_metrics_request(req: pb.ReportMetricsRequest) -> tuple[Envelope, Metr
 
 def metrics_response(accepted: bool) -> pb.ReportMetricsResponse:
     return pb.ReportMetricsResponse(accepted=accepted)
+
+
+#: Longest withdrawal reason accepted, characters (it goes to the aggregator's log).
+MAX_REASON_CHARS = 1000
+
+
+def withdraw_request(env: Envelope, reason: str) -> pb.WithdrawRequest:
+    """A site's withdrawal from the current round; ``reason`` is cut to :data:`MAX_REASON_CHARS`."""
+    text = str(reason)
+    if len(text) > MAX_REASON_CHARS:
+        text = text[:MAX_REASON_CHARS - 3] + "..."
+    return pb.WithdrawRequest(envelope=envelope_to_pb(env), reason=text)
+
+
+def decode_withdraw_request(req: pb.WithdrawRequest) -> tuple[Envelope, str]:
+    """(envelope, reason).
+
+    Raises:
+        ProtocolError: the reason is longer than :data:`MAX_REASON_CHARS`.
+    """
+    if len(req.reason) > MAX_REASON_CHARS:
+        raise ProtocolError(f"withdrawal reason of {len(req.reason)} characters; at most "
+                            f"{MAX_REASON_CHARS} are accepted")
+    return envelope_from_pb(req.envelope), req.reason
 
 
 # ---------------------------------------------------------------------------------------------

@@ -319,6 +319,7 @@ class SiteSession:
                     out_of_step = 0
                 except PrivacyBudgetExceeded as exc:
                     _LOGGER.error("site %s: leaving the federation: %s", self.site, exc)
+                    self._withdraw(stub, task, f"privacy budget: {exc}")
                     return PrivacyBudgetExceeded.exit_code
                 except (OutOfStep, NotJoined) as exc:
                     # The round moved on (a deadline passed, or the aggregator restarted and
@@ -328,6 +329,26 @@ class SiteSession:
                     if out_of_step > 10:
                         raise
                     _LOGGER.warning("site %s: %s; resynchronising", self.site, exc)
+                except AggregatorUnreachable:
+                    raise
+                except FedbratsError as exc:
+                    # A local refusal or failure (non-finite update, unfit noise, NaN loss):
+                    # tell the aggregator so the round does not wait for its deadline.
+                    self._withdraw(stub, task, str(exc))
+                    raise
+
+    def _withdraw(self, stub, task: wire.Task, reason: str) -> None:
+        """Best effort: tell the aggregator this site leaves round ``task.round`` and why."""
+        try:
+            reply = stub.Withdraw(wire.withdraw_request(self._env(task.round, task.stage), reason),
+                                  timeout=RPC_TIMEOUT_S)
+            _LOGGER.warning("site %s: withdrew from round %d (%s)", self.site, task.round,
+                            "the round no longer waits for it" if reply.accepted
+                            else "the aggregator had nothing to withdraw from")
+        except grpc.RpcError as exc:
+            _LOGGER.warning("site %s: could not tell the aggregator that it withdraws from round "
+                            "%d (%s); the round waits for its deadline", self.site, task.round,
+                            exc.code().name)
 
     def _ensure_global(self, stub, task: wire.Task) -> None:
         r = task.round

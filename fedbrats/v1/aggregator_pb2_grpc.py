@@ -64,6 +64,11 @@ class AggregatorStub:
                 request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsResponse.FromString,
                 _registered_method=True)
+        self.Withdraw = channel.unary_unary(
+                '/fedbrats.v1.Aggregator/Withdraw',
+                request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.WithdrawRequest.SerializeToString,
+                response_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.WithdrawResponse.FromString,
+                _registered_method=True)
         self.AdvertiseKeys = channel.unary_unary(
                 '/fedbrats.v1.Aggregator/AdvertiseKeys',
                 request_serializer=fedbrats_dot_v1_dot_aggregator__pb2.AdvertiseKeysRequest.SerializeToString,
@@ -131,6 +136,12 @@ class AggregatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportMetrics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Withdraw(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -205,6 +216,11 @@ def add_AggregatorServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsRequest.FromString,
                     response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'Withdraw': grpc.unary_unary_rpc_method_handler(
+                    servicer.Withdraw,
+                    request_deserializer=fedbrats_dot_v1_dot_aggregator__pb2.WithdrawRequest.FromString,
+                    response_serializer=fedbrats_dot_v1_dot_aggregator__pb2.WithdrawResponse.SerializeToString,
             ),
             'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.AdvertiseKeys,
@@ -399,6 +415,33 @@ class Aggregator:
             '/fedbrats.v1.Aggregator/ReportMetrics',
             fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsRequest.SerializeToString,
             fedbrats_dot_v1_dot_aggregator__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Withdraw(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedbrats.v1.Aggregator/Withdraw',
+            fedbrats_dot_v1_dot_aggregator__pb2.WithdrawRequest.SerializeToString,
+            fedbrats_dot_v1_dot_aggregator__pb2.WithdrawResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,3 +68,29 @@ def test_site_with_another_federations_context_is_refused(kits, tmp_path):
     expected = {k: model()[k] + sum(weights[s] * deltas[s][k] for s in two) / w for k in SHAPES}
     for k in SHAPES:
         np.testing.assert_allclose(workers["site-1"].results[1][k], expected[k], atol=1e-4)
+
+
+def test_site_refusing_a_non_finite_update_withdraws_and_the_round_goes_on(kits, tmp_path):
+    import json
+
+    rng = np.random.default_rng(3)
+    deltas = {s: {k: rng.uniform(-0.2, 0.2, v).astype(np.float32) for k, v in SHAPES.items()}
+              for s in SITES}
+    first = next(iter(SHAPES))
+    deltas["site-2"][first].flat[0] = np.nan  # case K10 under CKKS: the site refuses to encrypt
+    core, workers, deltas, weights, codes, errors = federate(
+        kits, tmp_path, SITES, fed_name=FED, mode="ckks", deltas=deltas, rounds=1)
+    assert set(errors) == {"site-2"} and "non-finite" in str(errors["site-2"])
+    assert all(codes[s] == 0 for s in SITES if s != "site-2")
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    withdrew = [e for e in events if e["event"] == "site_withdrew"]
+    assert len(withdrew) == 1 and withdrew[0]["site"] == "site-2" and withdrew[0]["round"] == 1
+    assert "non-finite" in withdrew[0]["reason"]
+    agg = [e for e in events if e["event"] == "round_aggregated"]
+    assert agg and agg[0]["sites"] == [s for s in SITES if s != "site-2"]
+    # the survivors decrypted the FedAvg of the four finite updates
+    total = sum(weights[s] for s in SITES if s != "site-2")
+    for k in SHAPES:
+        want = sum(weights[s] * deltas[s][k].astype(np.float64) for s in SITES if s != "site-2") / total
+        got = workers["site-1"].results[1][k] - model()[k]
+        assert np.max(np.abs(got - want)) < 1e-4

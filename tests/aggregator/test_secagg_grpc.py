@@ -146,3 +146,21 @@ def test_aggregator_sees_only_uniform_masked_vectors(kits, tmp_path):
     for owner, kind in kinds:
         owners_by_kind.setdefault(owner, set()).add(kind)
     assert all(len(k) == 1 for k in owners_by_kind.values())  # never both kinds for one site
+
+
+def test_k10_site_refusing_to_mask_withdraws_and_its_masks_are_removed(kits, tmp_path):
+    import json
+
+    rng = np.random.default_rng(11)
+    deltas = {s: {k: rng.uniform(-0.2, 0.2, v).astype(np.float32) for k, v in SHAPES.items()}
+              for s in SITES}
+    deltas["site-4"][next(iter(SHAPES))].flat[1] = np.inf
+    core, workers, deltas, weights, codes, errors = _federate(kits, tmp_path, deltas=deltas)
+    assert set(errors) == {"site-4"} and "non-finite" in str(errors["site-4"])
+    assert not core.state.failed
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    withdrew = [e for e in events if e["event"] == "site_withdrew"]
+    assert [(e["site"], e["stage"]) for e in withdrew] == [("site-4", "masked_input")]
+    others = [s for s in SITES if s != "site-4"]
+    # site-4 shared keys, then withdrew: the sum covers the others, its pairwise masks removed.
+    _check_result(core, workers, _expected(deltas, weights, others), others)

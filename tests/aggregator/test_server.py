@@ -228,3 +228,35 @@ def test_overflowing_fedavg_aborts_the_round_and_keeps_the_model_finite():
     agg.add("site-1", 1, {"w": np.full(2, 1e38, np.float32), "b": np.ones(2, np.float32)})
     with pytest.raises(RoundAborted, match=r"round 2: .*non-finite.*tensor\(s\) w;"):
         agg.finalize(("site-1",))
+
+
+def test_a_site_that_withdraws_is_not_waited_for(served, tmp_path):
+    model = small_model()
+    core, stub, _ = served(model, sites=3, min_sites=2)
+    for s in ("site-1", "site-2", "site-3"):
+        join(stub, s)
+    t = task(stub, "site-2")
+    assert t.stage == "training" and t.round == 1
+    reply = stub.Withdraw(wire.withdraw_request(env("site-2", 1, "training"),
+                                                "privacy budget: epsilon 9.1 would exceed 8"))
+    assert reply.accepted
+    assert core.state.expected == ("site-1", "site-3")
+    zero = {k: np.zeros_like(v) for k, v in model.items()}
+    submit(stub, "site-1", 1, zero, t.model_sha256)
+    submit(stub, "site-3", 1, zero, t.model_sha256)
+    assert core.state.completed_round == 1  # at once, not at the round deadline
+    events = [json.loads(x) for x in (tmp_path / "events.jsonl").read_text().splitlines()]
+    w = [e for e in events if e["event"] == "site_withdrew"]
+    assert w == [{**w[0], "round": 1, "site": "site-2", "stage": "training",
+                  "reason": "privacy budget: epsilon 9.1 would exceed 8"}]
+    # a stale withdrawal changes nothing; an over-long reason and an unknown site are refused
+    assert not stub.Withdraw(wire.withdraw_request(env("site-1", 1, "training"), "late")).accepted
+    long = wire.withdraw_request(env("site-1", 2, "training"), "")
+    long.reason = "x" * 5000  # a peer that does not cut its reason
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Withdraw(long)
+    assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "5000 characters" in ei.value.details()
+    with pytest.raises(grpc.RpcError) as ei:
+        stub.Withdraw(wire.withdraw_request(env("site-9", 2, "training"), "who?"))
+    assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(wire.withdraw_request(env("site-1"), "y" * 5000).reason) == wire.MAX_REASON_CHARS
