@@ -155,6 +155,7 @@ def log(msg: str) -> None:
 def fedbrats_case(n: int, p: int, repeats: int, threads: int | None = None) -> dict[str, Any]:
     from crypto import primitives, secagg
     from crypto import quantize as quant
+    from node.secagg_client import flatten_with_weight_slot
 
     threads = primitives.worker_threads(threads)
 
@@ -177,15 +178,7 @@ def fedbrats_case(n: int, p: int, repeats: int, threads: int | None = None) -> d
     # -- one site, as MaskingClient.mask does it ----------------------------------------------
     def quantise(site: str, th: int = threads) -> np.ndarray:
         # MaskingClient.mask: flatten into P + 1 float32 slots, quantise, weight in the last slot.
-        delta = {"update": updates[site]}
-        dim = int(sum(np.size(v) for v in delta.values()))
-        flat = np.empty(dim + 1, dtype=np.float32)
-        pos = 0
-        for v in delta.values():
-            a = np.asarray(v).reshape(-1)
-            flat[pos:pos + a.size] = a
-            pos += a.size
-        flat[dim] = 0.0
+        flat, dim = flatten_with_weight_slot({"update": updates[site]})
         vec, _clipped = quant.quantize(flat, params, seed=os.urandom(16), weight=weights[site], threads=th)
         vec[dim] = weights[site]
         return vec

@@ -90,6 +90,24 @@ def load_identity_key(path: str | Path) -> bytes:
             from None
 
 
+def flatten_with_weight_slot(delta: Mapping[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """``(flat, P)``: the update's P values in tensor order as float32, plus one slot (0.0).
+
+    The extra slot is quantised too and then replaced by the weight, so the masked vector
+    ``[q, weight]`` needs no further copy; it takes the last rounding draw, after those of the
+    update, so ``q`` itself is unchanged.  Shape ``(P + 1,)``.
+    """
+    dim = int(sum(np.size(v) for v in delta.values()))
+    flat = np.empty(dim + 1, dtype=np.float32)
+    pos = 0
+    for v in delta.values():
+        a = np.asarray(v).reshape(-1)
+        flat[pos:pos + a.size] = a
+        pos += a.size
+    flat[dim] = 0.0
+    return flat, dim
+
+
 @dataclass
 class _RoundSecrets:
     round: int
@@ -278,19 +296,9 @@ class MaskingClient:
             raise FedbratsError(f"site {self.site}: round {round}: dp.mode has 'site-distributed' "
                                 f"but no Skellam noiser was given: refusing to mask an un-noised "
                                 f"update (the aggregator would decode it as noised)")
-        # The update is flattened (float32) into a buffer one value longer, whose last value 0.0
-        # is quantised too and then replaced by the weight: the masked vector [q, weight] needs
-        # no further copy.  The extra value takes the last rounding draw, after those of the
-        # update, so q itself is unchanged.  quantize() refuses non-finite values (checked
-        # slice by slice as it goes); only then are the tensors scanned to name the culprit.
-        dim = int(sum(np.size(v) for v in delta.values()))
-        flat = np.empty(dim + 1, dtype=np.float32)
-        pos = 0
-        for v in delta.values():
-            a = np.asarray(v).reshape(-1)
-            flat[pos:pos + a.size] = a
-            pos += a.size
-        flat[dim] = 0.0
+        # quantize() refuses non-finite values (checked slice by slice as it goes); only then
+        # are the tensors scanned to name the culprit.
+        flat, dim = flatten_with_weight_slot(delta)
         params = self.params or quant_params(self.cfg, dim=dim)
         try:
             vec, clipped = quantize.quantize(flat, params, seed=os.urandom(16), weight=weight)
